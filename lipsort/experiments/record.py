@@ -1,0 +1,167 @@
+"""The last cell of every chapter: print the key numbers, check the ledger, save the results.
+
+A chapter ends with exactly one call::
+
+    lipsort.experiments.finish("NN_slug", results, profile=profile, results_dir=results_dir)
+
+Printed numbers are what nbval compares across machines, so each value is printed at the
+precision its claim needs (one decimal finer than the tolerance) and values without a claim
+at 4 significant digits; never raw floats.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from .ledger import (
+    PROFILES,
+    Claim,
+    claims_for,
+    format_value,
+    load_claims,
+    must_hold,
+    validate_results,
+)
+
+__all__ = ["finish", "SLUG_PATTERN", "write_json"]
+
+#: Chapter slugs: two digits, an underscore, a name (``01_gradient_norm``).
+SLUG_PATTERN = re.compile(r"^[0-9]{2}_[A-Za-z0-9_-]+$")
+
+
+def write_json(path: str | Path, data: dict) -> Path:
+    """Write ``data`` as indented JSON atomically (a reader never sees a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def _table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([fmt(header), fmt(tuple("-" * w for w in widths)), *map(fmt, rows)])
+
+
+def _runtime() -> dict:
+    """What only the kernel knows: its torch thread count and accelerator."""
+    import torch
+
+    info = {"torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+    if torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def finish(
+    slug: str,
+    results: dict,
+    profile: str = "quick",
+    results_dir: str | os.PathLike = "",
+    *,
+    claims_file: str | os.PathLike | None = None,
+) -> None:
+    """Print a chapter's key numbers, check its ledger claims and save its results.
+
+    Every claim of ``book/claims.yml`` whose ``chapter`` is ``slug`` is printed with its value
+    and expectation; claims that must hold at ``profile`` (:func:`~.ledger.must_hold`) are
+    checked, full-profile claims are only reported at the quick profile.
+
+    Args:
+        slug: the chapter, ``NN_name`` (the notebook is ``notebooks/<slug>.md``).
+        results: flat dict ``{dotted.key: finite number}``.
+        profile: ``"quick"`` or ``"full"``.
+        results_dir: if non-empty, ``<results_dir>/<slug>.json`` is written (before the check,
+            so that failing values are recorded too).
+        claims_file: ledger to use instead of :func:`~.ledger.claims_path`.
+
+    Returns nothing, so that the last cell of a chapter shows only the printed table.
+
+    Raises:
+        TypeError, ValueError: malformed results, a bad slug or profile, or a claim whose key
+            is missing from ``results``.
+        AssertionError: listing every claim that must hold at ``profile`` and does not.
+
+    Example:
+        >>> import tempfile
+        >>> root = Path(tempfile.mkdtemp())
+        >>> (root / "book").mkdir(); (root / "notebooks").mkdir()
+        >>> _ = (root / "notebooks" / "01_demo.md").write_text("")
+        >>> _ = (root / "book" / "claims.yml").write_text('''
+        ... - {id: demo-w1, paper: anil2019, statement: W1 is 1., published: 1.0, source: exact,
+        ...    chapter: 01_demo, key: w1, expect: {approx: 1.0, tol: 0.01}, profile: quick}
+        ... ''')
+        >>> finish("01_demo", {"w1": 0.99812, "loss": 0.0123456}, claims_file=root / "book" / "claims.yml")
+        Key numbers of 01_demo (profile quick)
+        key   value
+        ----  -------
+        w1    0.998
+        loss  0.01235
+        <BLANKLINE>
+        Claims
+        id       key  value  expected       status
+        -------  ---  -----  -------------  ------
+        demo-w1  w1   0.998  1.000 ± 0.010  holds
+    """
+    if not isinstance(slug, str) or not SLUG_PATTERN.match(slug):
+        raise ValueError(f"slug must look like 'NN_name' (e.g. '01_gradient_norm'), got {slug!r}")
+    if profile not in PROFILES:
+        raise ValueError(f"profile must be one of {PROFILES}, got {profile!r}")
+    results = validate_results(results, slug)
+    claims: list[Claim] = claims_for(load_claims(claims_file), slug)
+    missing = [c for c in claims if c.key not in results]
+    if missing:
+        detail = ", ".join(f"{c.key!r} (claim {c.id})" for c in missing)
+        raise ValueError(
+            f"chapter {slug}: the results lack key(s) {detail} required by book/claims.yml; "
+            f"keys present: {sorted(results)}"
+        )
+
+    # A key checked by several claims is printed at the finest of their precisions.
+    decimals: dict[str, int] = {}
+    for c in claims:
+        decimals[c.key] = max(decimals.get(c.key, 0), c.decimals)
+    rows = [(k, format_value(v, decimals.get(k))) for k, v in results.items()]
+    print(f"Key numbers of {slug} (profile {profile})")
+    print(_table(rows, ("key", "value")))
+
+    failed, statuses = [], {}
+    if claims:
+        crow = []
+        for c in claims:
+            value = results[c.key]
+            if must_hold(c, profile):
+                status = "holds" if c.holds(value) else "FAILS"
+                if status == "FAILS":
+                    failed.append(c)
+            else:
+                status = f"reported ({c.profile} profile claim)"
+            statuses[c.id] = status.lower()
+            crow.append((c.id, c.key, format_value(value, c.decimals), c.expectation(), status))
+        print("\nClaims")
+        print(_table(crow, ("id", "key", "value", "expected", "status")))
+
+    if results_dir:
+        record = {
+            "chapter": slug,
+            "profile": profile,
+            "results": results,
+            "claims": statuses,
+            "runtime": _runtime(),
+        }
+        write_json(Path(results_dir) / f"{slug}.json", record)
+
+    if failed:
+        lines = [
+            f"  {c.id}: {c.key} = {format_value(results[c.key], c.decimals)}, expected {c.expectation()}"
+            f" ({c.statement})"
+            for c in failed
+        ]
+        raise AssertionError(
+            f"{len(failed)} claim(s) of chapter {slug} fail at profile {profile}:\n" + "\n".join(lines)
+        )

@@ -1,0 +1,291 @@
+"""Pure tensor operations behind every Lipschitz layer of the book.
+
+Activations (chapter 02): :func:`group_sort`, :func:`max_min`, :func:`full_sort` permute the
+units inside each group, so their Jacobian is a permutation matrix almost everywhere.
+
+Weight constraints (chapter 03): :func:`bjorck` (orthonormalization), :func:`power_iteration`
+(a spectral-norm *estimate*, never used to certify), :func:`project_rows_l1` (exact projection
+of each row onto the ℓ1 ball, so ``‖W‖∞ ≤ r``) and :func:`operator_norm` (exact norms used by
+certificates).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "group_sort",
+    "max_min",
+    "full_sort",
+    "bjorck",
+    "bjorck_prescale",
+    "power_iteration",
+    "project_rows_l1",
+    "operator_norm",
+]
+
+
+def _check_tensor(x, name: str = "input") -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+
+
+def _normalize_dim(x: torch.Tensor, dim: int) -> int:
+    if x.dim() == 0:
+        raise ValueError("input must have at least one dimension, got a scalar tensor")
+    if not -x.dim() <= dim < x.dim():
+        raise ValueError(f"dim={dim} is out of range for an input of shape {tuple(x.shape)}")
+    return dim % x.dim()
+
+
+def _grouped(x: torch.Tensor, group_size: int, dim: int) -> tuple[torch.Tensor, int]:
+    """View ``x`` with ``dim`` split into (n_groups, group_size); returns the view and dim."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
+    dim = _normalize_dim(x, dim)
+    n = x.shape[dim]
+    if n % group_size != 0:
+        raise ValueError(
+            f"group_size={group_size} does not divide the {n} units along dim {dim} "
+            f"(input shape {tuple(x.shape)})"
+        )
+    shape = x.shape[:dim] + (n // group_size, group_size) + x.shape[dim + 1 :]
+    return x.reshape(shape), dim + 1
+
+
+def group_sort(x: torch.Tensor, group_size: int, dim: int = 1) -> torch.Tensor:
+    """Sort consecutive groups of ``group_size`` units along ``dim``, largest first.
+
+    ``GroupSort`` (Anil et al., 2019, chapter 02). Every group is permuted, so for each input
+    the Jacobian is a permutation matrix: the map preserves every p-norm of its input and of
+    the back-propagated gradient, and is 1-Lipschitz in every p-norm.
+
+    Args:
+        x: input tensor.
+        group_size: number of units in each group; must divide ``x.shape[dim]``.
+            ``group_size=2`` is :func:`max_min`, ``group_size=x.shape[dim]`` is :func:`full_sort`.
+        dim: the dimension holding the units (channels for ``(N, C, ...)`` inputs).
+
+    Example:
+        >>> x = torch.tensor([[1., 3., 2., 0.]])
+        >>> group_sort(x, 2)
+        tensor([[3., 1., 2., 0.]])
+        >>> group_sort(x, 4)
+        tensor([[3., 2., 1., 0.]])
+    """
+    _check_tensor(x)
+    if group_size == 2:
+        return max_min(x, dim)
+    grouped, gdim = _grouped(x, group_size, dim)
+    return grouped.sort(dim=gdim, descending=True).values.reshape(x.shape)
+
+
+def max_min(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Replace each consecutive pair ``(a, b)`` along ``dim`` by ``(max(a, b), min(a, b))``.
+
+    The paper's MaxMin: GroupSort with groups of two. It keeps the number of units (unlike a
+    channel-doubling "MaxMin" that concatenates ``max(x, 0)`` and ``min(x, 0)``).
+    Ties route each gradient to exactly one output, so the Jacobian is a permutation even there.
+
+    Example:
+        >>> max_min(torch.tensor([[1., 3., -2., -5.]]))
+        tensor([[ 3.,  1., -2., -5.]])
+    """
+    _check_tensor(x)
+    grouped, gdim = _grouped(x, 2, dim)
+    a, b = grouped.unbind(gdim)
+    first = a >= b
+    # torch.where, not maximum/minimum: at ties those split the gradient in halves.
+    hi = torch.where(first, a, b)
+    lo = torch.where(first, b, a)
+    return torch.stack((hi, lo), dim=gdim).reshape(x.shape)
+
+
+def full_sort(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Sort all units along ``dim``, largest first (GroupSort with a single group).
+
+    Example:
+        >>> full_sort(torch.tensor([[1., 3., 2.]]))
+        tensor([[3., 2., 1.]])
+    """
+    _check_tensor(x)
+    dim = _normalize_dim(x, dim)
+    return x.sort(dim=dim, descending=True).values
+
+
+# Taylor coefficients of (1 - q)^(-1/2) = sum_k binom(2k, k) / 4^k q^k: 1, 1/2, 3/8, 5/16, 35/128.
+_BJORCK_COEFFS = tuple(math.comb(2 * k, k) / 4**k for k in range(5))
+
+
+def _check_matrix(w: torch.Tensor, name: str = "weight") -> None:
+    _check_tensor(w, name)
+    if w.dim() < 2:
+        raise ValueError(f"{name} must be a matrix (or a batch of matrices), got shape {tuple(w.shape)}")
+    if not w.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {w.dtype}")
+
+
+def _gram(w: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Gram matrix on the smaller side: ``WᵀW`` for tall or square ``W``, ``WWᵀ`` for wide."""
+    left = w.shape[-2] < w.shape[-1]
+    wt = w.transpose(-1, -2)
+    return (w @ wt if left else wt @ w), left
+
+
+def bjorck_prescale(w: torch.Tensor) -> torch.Tensor:
+    """Divide ``w`` by a rigorous upper bound of its spectral norm, so that ``‖W‖₂ ≤ 1``.
+
+    First by ``max |wᵢⱼ|`` (so that the Gram matrix neither overflows nor underflows), then by
+    ``‖(WᵀW)²‖_F^(1/4) ≥ ‖W‖₂``, which is tighter than the Frobenius norm: it over-estimates
+    ``‖W‖₂`` by at most ``d^(1/8)`` (``d`` the smaller side) instead of ``d^(1/2)``.
+
+    Example:
+        >>> w = bjorck_prescale(1e6 * torch.randn(30, 20, dtype=torch.float64))
+        >>> bool(torch.linalg.matrix_norm(w, 2) <= 1)
+        True
+    """
+    _check_matrix(w)
+    tiny = torch.finfo(w.dtype).tiny
+    w = w / w.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(tiny)
+    g, _ = _gram(w)
+    bound = torch.linalg.matrix_norm(g @ g).clamp_min(tiny) ** 0.25
+    return w / bound[..., None, None]
+
+
+def bjorck(w: torch.Tensor, n_iters: int = 20, order: int = 1, prescale: bool = True) -> torch.Tensor:
+    r"""Björck–Bowie orthonormalization: the closest (semi-)orthonormal matrix to ``w``.
+
+    Each iteration applies the order-``p`` Taylor expansion of :math:`(W^\top W)^{-1/2}`:
+
+    .. math:: W \leftarrow W \sum_{k=0}^{p} c_k Q^k, \qquad Q = I - W^\top W,
+              \qquad c = (1, \tfrac12, \tfrac38, \tfrac5{16}, \tfrac{35}{128}),
+
+    so order 1 is :math:`W \leftarrow \tfrac32 W - \tfrac12 W W^\top W`. The Gram matrix is
+    formed on the smaller side (:math:`WW^\top` and a left product for wide matrices). With
+    ``prescale`` the input is first divided by a rigorous bound of its spectral norm
+    (:func:`bjorck_prescale`): then every singular value lies in (0, 1], each iteration
+    increases it without overshooting 1, and the iteration converges for any input scale.
+    Gradients flow through the iterations (chapter 03).
+
+    Args:
+        w: a ``(m, n)`` matrix or a batch ``(..., m, n)``.
+        n_iters: number of iterations.
+        order: Taylor order ``p`` in 1..4.
+        prescale: divide by a spectral bound first (turn off only if ``‖W‖₂ ≤ 1`` already).
+
+    Example:
+        >>> w = bjorck(torch.randn(64, 32, dtype=torch.float64), n_iters=25)
+        >>> torch.allclose(w.T @ w, torch.eye(32, dtype=torch.float64), atol=1e-6)
+        True
+    """
+    _check_matrix(w)
+    if isinstance(order, bool) or order not in (1, 2, 3, 4):
+        raise ValueError(f"Björck order must be 1, 2, 3 or 4, got {order!r}")
+    if isinstance(n_iters, bool) or not isinstance(n_iters, int) or n_iters < 0:
+        raise ValueError(f"n_iters must be a non-negative integer, got {n_iters!r}")
+    if prescale:
+        w = bjorck_prescale(w)
+    coeffs = _BJORCK_COEFFS[: order + 1]
+    eye = torch.eye(min(w.shape[-2:]), dtype=w.dtype, device=w.device)
+    for _ in range(n_iters):
+        g, left = _gram(w)
+        q = eye - g
+        # Horner: c0 I + Q (c1 I + Q (c2 I + ...)).
+        poly = coeffs[-1] * eye
+        for c in reversed(coeffs[:-1]):
+            poly = c * eye + q @ poly
+        w = poly @ w if left else w @ poly
+    return w
+
+
+def power_iteration(
+    w: torch.Tensor, u: torch.Tensor, n_iters: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Estimate :math:`\sigma_{\max}(W)` by power iteration on :math:`W^\top W`.
+
+    ``u`` is a current estimate of the top right singular vector (shape ``(n,)`` for an
+    ``(m, n)`` matrix). The vector is updated without gradient; the estimate
+    :math:`\hat\sigma = \|W u\|_2` is differentiable in ``w``. It is a *lower* bound of the
+    true norm (``‖Wu‖ ≤ ‖W‖₂`` for a unit ``u``): fine for training, never for a certificate.
+
+    Returns:
+        ``(sigma_hat, u)``: the estimate and the updated unit vector.
+
+    Example:
+        >>> w = torch.diag(torch.tensor([3., 1.]))
+        >>> s, u = power_iteration(w, torch.tensor([1., 1.]), n_iters=30)
+        >>> round(float(s), 4)
+        3.0
+    """
+    _check_matrix(w)
+    _check_tensor(u, "u")
+    if u.shape != (w.shape[-1],):
+        raise ValueError(f"u must have shape ({w.shape[-1]},) for a weight of shape {tuple(w.shape)}, got {tuple(u.shape)}")
+    if isinstance(n_iters, bool) or not isinstance(n_iters, int) or n_iters < 0:
+        raise ValueError(f"n_iters must be a non-negative integer, got {n_iters!r}")
+    eps = 1e-12
+    with torch.no_grad():
+        wd = w.detach()
+        u = u / u.norm().clamp_min(eps)
+        for _ in range(n_iters):
+            v = wd @ u
+            v = v / v.norm().clamp_min(eps)
+            u = wd.T @ v
+            u = u / u.norm().clamp_min(eps)
+    return torch.linalg.vector_norm(w @ u), u
+
+
+def project_rows_l1(w: torch.Tensor, radius: float = 1.0) -> torch.Tensor:
+    r"""Project each row of ``w`` onto the ℓ1 ball of ``radius``, so ``‖W‖∞ ≤ radius``.
+
+    Exact Euclidean projection :math:`\arg\min_{\|v\|_1 \le r}\|v - w_i\|_2`, by the sorting
+    algorithm (Condat, 2016, Algorithm 1) vectorized over rows: soft-thresholding
+    :math:`v = \operatorname{sign}(w)\max(|w| - \theta, 0)` with the threshold
+    :math:`\theta = \max_k (\sum_{j \le k} a_{(j)} - r)/k` over the sorted magnitudes. Rows
+    already inside the ball are returned unchanged, and the result is idempotent: its computed
+    row sums never exceed ``radius``, even after rounding.
+
+    Example:
+        >>> project_rows_l1(torch.tensor([[3., -1., 0.5], [0.25, 0.5, 0.]]))
+        tensor([[1.0000, -0.0000, 0.0000],
+                [0.2500, 0.5000, 0.0000]])
+    """
+    _check_matrix(w)
+    if not radius > 0:
+        raise ValueError(f"radius must be positive, got {radius!r}")
+    a = w.abs()
+    inside = a.sum(-1, keepdim=True) <= radius
+    s = a.sort(dim=-1, descending=True).values
+    k = torch.arange(1, w.shape[-1] + 1, dtype=w.dtype, device=w.device)
+    theta = ((s.cumsum(-1) - radius) / k).amax(-1, keepdim=True).clamp_min(0)
+    v = torch.sign(w) * (a - theta).clamp_min(0)
+    # Rounding can leave a computed row sum a few ulps above the radius: shrink those rows
+    # by a vanishing factor until the sum, computed exactly as above, is inside.
+    eps = torch.finfo(w.dtype).eps
+    for step in range(8):
+        total = v.abs().sum(-1, keepdim=True)
+        over = (total > radius) & ~inside
+        if not bool(over.any()):
+            break
+        v = torch.where(over, v * (radius / total) * (1 - eps * 2**step), v)
+    return torch.where(inside, w, v)
+
+
+def operator_norm(w: torch.Tensor, p: float | str = 2) -> torch.Tensor:
+    r"""Exact operator norm :math:`\|W\|_{p \to p}` of a matrix, for ``p`` in {2, inf}.
+
+    ``p=2``: the largest singular value (from an SVD, not an estimate). ``p=inf``: the
+    largest row ℓ1 norm. These are the norms that certificates multiply.
+
+    Example:
+        >>> float(operator_norm(torch.tensor([[3., -4.], [0., 1.]]), "inf"))
+        7.0
+    """
+    _check_matrix(w)
+    if p in (2, "2", "l2"):
+        return torch.linalg.matrix_norm(w, ord=2)
+    if p in (math.inf, "inf", "linf"):
+        return w.abs().sum(-1).amax(-1)
+    raise ValueError(f"operator_norm supports p=2 and p=inf, got p={p!r}")

@@ -1,0 +1,88 @@
+"""Network builders shared by the chapters: fully connected nets whose Lipschitz constant is
+controlled layer by layer (Lip(f∘g) ≤ Lip(f)·Lip(g), chapter 01)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from .activations import FullSort, GroupSort, MaxMin
+
+__all__ = ["mlp", "ACTIVATIONS", "CONSTRAINTS"]
+
+
+class Abs(nn.Module):
+    """Elementwise ``|x|``: 1-Lipschitz and gradient-norm preserving, but not monotone."""
+
+    def forward(self, x):
+        return x.abs()
+
+
+ACTIVATIONS = ("relu", "abs", "maxmin", "groupsort", "fullsort")
+CONSTRAINTS = ("bjorck", "spectral", "linf", None)
+
+
+def _activation(name: str, group_size: int | None) -> nn.Module:
+    if name == "relu":
+        return nn.ReLU()
+    if name == "abs":
+        return Abs()
+    if name == "maxmin":
+        return MaxMin()
+    if name == "fullsort":
+        return FullSort()
+    if name == "groupsort":
+        if group_size is None:
+            raise ValueError("activation='groupsort' needs group_size (the size of each group)")
+        return GroupSort(group_size)
+    raise ValueError(f"unknown activation {name!r}; choose one of {ACTIVATIONS}")
+
+
+def _constrain(layer: nn.Linear, constraint: str | None, kwargs: dict) -> nn.Linear:
+    from . import parametrizations as P
+
+    if constraint is None:
+        if kwargs:
+            raise ValueError(f"unconstrained layers take no constraint options, got {sorted(kwargs)}")
+        return layer
+    builders = {"bjorck": P.bjorck_orthonormal, "spectral": P.spectral_normalized, "linf": P.linf_projected}
+    if constraint not in builders:
+        raise ValueError(f"unknown constraint {constraint!r}; choose one of {CONSTRAINTS}")
+    return builders[constraint](layer, **kwargs)
+
+
+def mlp(
+    sizes: Sequence[int],
+    activation: str = "maxmin",
+    constraint: str | None = "bjorck",
+    group_size: int | None = None,
+    **constraint_kwargs,
+) -> nn.Sequential:
+    """Fully connected network ``sizes[0] → sizes[1] → … → sizes[-1]``.
+
+    Every linear layer carries ``constraint`` ("bjorck": orthonormal, "spectral": ‖W‖₂ ≈ 1 by
+    power iteration, "linf": ‖W‖∞ ≤ 1, or None); ``activation`` sits between layers, none after
+    the last. ``constraint_kwargs`` go to the parametrization (e.g. ``n_iters=20``).
+
+    Example:
+        >>> net = mlp([2, 8, 8, 1], activation="groupsort", group_size=4, constraint=None)
+        >>> [type(m).__name__ for m in net]
+        ['Linear', 'GroupSort', 'Linear', 'GroupSort', 'Linear']
+    """
+    sizes = list(sizes)
+    if len(sizes) < 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
+        raise ValueError(f"sizes must list at least two positive integers (input, ..., output), got {sizes}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; choose one of {ACTIVATIONS}")
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(_constrain(nn.Linear(n_in, n_out), constraint, dict(constraint_kwargs)))
+        if i < len(sizes) - 2:
+            if activation in ("maxmin", "groupsort") and n_out % (group_size or 2):
+                raise ValueError(
+                    f"hidden width {n_out} is not divisible by the group size {group_size or 2} "
+                    f"of activation {activation!r}"
+                )
+            layers.append(_activation(activation, group_size))
+    return nn.Sequential(*layers)

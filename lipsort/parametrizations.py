@@ -1,0 +1,500 @@
+r"""Weight constraints for ``nn.Linear`` layers, built on :mod:`torch.nn.utils.parametrize`.
+
+Each function takes a stock :class:`torch.nn.Linear`, registers a parametrization on its
+``weight`` and returns the same module; ``module.weight`` is then the *effective* (constrained)
+weight :math:`W = f(V)` of a free parameter
+:math:`V` = ``module.parametrizations.weight.original``, which is what the optimizer updates
+(chapter 03):
+
+* :func:`bjorck_orthonormal`: :math:`W = \operatorname{bjorck}(V)`, the Björck–Bowie
+  orthonormalization, so :math:`\|W\|_2 \le 1` always and :math:`\sigma_i(W) \approx 1`.
+* :func:`spectral_normalized`: :math:`W = V / \hat\sigma(V)` with a power-iteration estimate
+  :math:`\hat\sigma \le \sigma_{\max}(V)` (so :math:`\|W\|_2 \ge 1`, slightly).
+* :func:`linf_projected`: every row of :math:`W` is the projection of the row of :math:`V`
+  onto the ℓ1 ball of radius :math:`r`, so :math:`\|W\|_\infty = \max_i \|w_i\|_1 \le r`.
+
+In eval mode the effective weight is computed once and cached (see :class:`EvalCachedConstraint`);
+:func:`frozen` exports a model to plain layers holding those eval-mode weights.
+Certificates multiply *exact* norms of the effective weights
+(:func:`lipsort.functional.operator_norm`), never a power-iteration estimate.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+import operator
+import weakref
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from . import functional as F
+
+__all__ = [
+    "bjorck_orthonormal",
+    "spectral_normalized",
+    "linf_projected",
+    "frozen",
+    "EvalCachedConstraint",
+    "BjorckOrthonormal",
+    "SpectralNormalized",
+    "LinfProjected",
+]
+
+# Power iterations that warm-start the spectral-normalization vector when a weight is set.
+_WARM_START_ITERS = 15
+
+
+# --------------------------------------------------------------------------- argument checks
+
+
+def _check_int(value, name: str, minimum: int) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer >= {minimum}, got the bool {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise ValueError(
+            f"{name} must be an integer >= {minimum}, got {value!r} ({type(value).__name__})"
+        ) from None
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
+    return value
+
+
+def _check_order(order) -> int:
+    if isinstance(order, bool) or not isinstance(order, numbers.Integral) or not 1 <= order <= 4:
+        raise ValueError(f"Björck order must be 1, 2, 3 or 4, got {order!r}")
+    return int(order)
+
+
+def _check_radius(radius) -> float:
+    if isinstance(radius, bool) or not isinstance(radius, numbers.Real):
+        raise ValueError(f"radius must be a positive finite number, got {radius!r}")
+    radius = float(radius)
+    if not (math.isfinite(radius) and radius > 0):
+        raise ValueError(f"radius must be a positive finite number, got {radius!r}")
+    return radius
+
+
+def _check_linear(module, fn_name: str) -> None:
+    if not isinstance(module, nn.Linear):
+        raise TypeError(
+            f"{fn_name} constrains a torch.nn.Linear, got a {type(module).__name__}; "
+            "orthogonal convolutions are the layers of lipsort.conv"
+        )
+    if isinstance(module.weight, nn.parameter.UninitializedParameter):
+        raise ValueError(
+            f"{fn_name} needs an initialized weight, got a {type(module).__name__} whose weight "
+            "is uninitialized: run a forward pass through it first"
+        )
+    if parametrize.is_parametrized(module, "weight"):
+        names = ", ".join(type(p).__name__ for p in module.parametrizations.weight)
+        raise ValueError(
+            f"{fn_name}: the weight of this {type(module).__name__} is already constrained by "
+            f"{names}; stacking constraints is not supported (remove the first one with "
+            "torch.nn.utils.parametrize.remove_parametrizations)"
+        )
+
+
+def _check_finite(w: Tensor, what: str) -> None:
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError(f"{what}: the weight of shape {tuple(w.shape)} has non-finite entries")
+
+
+# --------------------------------------------------------------------------- eval cache
+
+
+def _cache_key(tensors: tuple[Tensor, ...]):
+    """Cheap fingerprint of the tensors a constrained weight depends on, or None if unavailable.
+
+    Identity (as a weak reference, so a new tensor at a recycled address cannot match),
+    ``_version`` (bumped by every in-place op outside ``.data``: optimizer steps,
+    ``load_state_dict``'s ``copy_``, parametrize's ``set_`` on assignment), ``data_ptr``,
+    dtype, device and shape (changed by ``.to()``/``.double()``, which swap ``.data``).
+    """
+    try:
+        return tuple(
+            (weakref.ref(t), t._version, t.data_ptr(), t.dtype, t.device, t.shape, t.stride())
+            for t in tensors
+        )
+    except (RuntimeError, TypeError, NotImplementedError):
+        # Inference tensors have no version counter; functorch wrappers have no storage.
+        return None
+
+
+def _same_key(a, b) -> bool:
+    return len(a) == len(b) and all(
+        x[0]() is not None and x[0]() is y[0]() and x[1:] == y[1:] for x, y in zip(a, b)
+    )
+
+
+class EvalCachedConstraint(nn.Module):
+    r"""Base class of the parametrizations: :meth:`constrain` in training, a cache in eval.
+
+    In training mode ``forward(V)`` returns ``constrain(V)`` with its autograd graph. In eval
+    mode the constrained weight is computed once, without gradient, and reused until the
+    tensors it depends on (:meth:`cache_inputs`) or the settings (:meth:`cache_config`) change.
+
+    The cache can never go stale: it is keyed on each input's identity, ``_version`` counter,
+    ``data_ptr``, dtype, device and shape (an optimizer step, ``load_state_dict``, ``.to()``
+    and ``module.weight = X`` each change one of them), and, because in-place writes through
+    ``.data`` (e.g. ``p.data.add_(...)``, used by some optimizers) bypass the version counter,
+    it also keeps a copy of the inputs and compares values (an ``O(mn)`` check, negligible next
+    to the ``O(mn \min(m, n))`` matrix products it saves). It is dropped on every
+    ``train()``/``eval()`` switch and is not part of the ``state_dict``, a deep copy or a pickle.
+
+    The cached weight is *detached*: gradients with respect to the weights need train mode,
+    while gradients with respect to the *inputs* (e.g. for adversarial attacks or gradient-norm
+    measurements) still flow in eval mode.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._eval_cache = None  # (key, config, snapshots, value)
+
+    def constrain(self, original: Tensor) -> Tensor:
+        """The constrained weight as a function of the free parameter (differentiable)."""
+        raise NotImplementedError
+
+    def cache_inputs(self, original: Tensor) -> tuple[Tensor, ...]:
+        """Every tensor the eval-mode weight depends on."""
+        return (original,)
+
+    def cache_config(self) -> tuple:
+        """Every setting the eval-mode weight depends on."""
+        return ()
+
+    def forward(self, original: Tensor) -> Tensor:
+        if self.training:
+            return self.constrain(original)
+        inputs = self.cache_inputs(original)
+        key = _cache_key(inputs)
+        config = self.cache_config()
+        cached = self._eval_cache
+        if (
+            key is not None
+            and cached is not None
+            and cached[1] == config
+            and _same_key(cached[0], key)
+            and all(torch.equal(s, t) for s, t in zip(cached[2], inputs))
+        ):
+            return cached[3]
+        # Out of inference mode so that the cached tensor can be used later by autograd
+        # (an inference tensor cannot be saved for a backward pass, e.g. of an attack).
+        with torch.inference_mode(False), torch.no_grad():
+            value = self.constrain(original)
+            if key is not None:
+                snapshots = tuple(t.clone() for t in inputs)
+                self._eval_cache = (key, config, snapshots, value)
+        return value
+
+    def train(self, mode: bool = True):
+        self._eval_cache = None
+        return super().train(mode)
+
+    def __getstate__(self):
+        # Weak references cannot be pickled, and a copy must not share the cached tensor.
+        state = self.__dict__.copy()
+        state["_eval_cache"] = None
+        return state
+
+
+# --------------------------------------------------------------------------- Björck
+
+
+def _polar_factor(w: Tensor) -> Tensor:
+    r"""Orthonormal polar factor :math:`UV^\top` of :math:`W = U\Sigma V^\top`, in ``w``'s dtype.
+
+    The closest (semi-)orthonormal matrix to ``w``, i.e. the limit of Björck's iteration. It is
+    computed by an SVD in float64 (after dividing by ``max |wᵢⱼ|``, so any scale is safe)
+    rather than by iterating Björck until convergence: the SVD is exact in one step whatever
+    the conditioning, and for a rank-deficient ``w`` (e.g. zero-initialized), where the
+    iteration keeps zero singular values at zero, it still returns an orthonormal matrix.
+    """
+    w64 = w.detach().to(torch.float64)
+    w64 = w64 / w64.abs().amax().clamp_min(torch.finfo(torch.float64).tiny)
+    u, _, vh = torch.linalg.svd(w64, full_matrices=False)
+    return (u @ vh).to(w.dtype)
+
+
+class BjorckOrthonormal(EvalCachedConstraint):
+    r"""Parametrization :math:`W = \operatorname{bjorck}(V)` (see :func:`bjorck_orthonormal`)."""
+
+    def __init__(self, n_iters: int = 20, order: int = 1, eval_iters: int | None = None):
+        super().__init__()
+        self.n_iters = _check_int(n_iters, "n_iters", 0)
+        self.order = _check_order(order)
+        self.eval_iters = self.n_iters if eval_iters is None else _check_int(eval_iters, "eval_iters", 0)
+
+    def constrain(self, original: Tensor) -> Tensor:
+        n_iters = self.n_iters if self.training else self.eval_iters
+        return F.bjorck(original, n_iters, self.order)
+
+    def cache_config(self) -> tuple:
+        return (self.eval_iters, self.order)
+
+    def right_inverse(self, weight: Tensor) -> Tensor:
+        # Store the orthonormal polar factor of the given weight, not the weight itself. Björck's
+        # iteration raises every pre-scaled singular value s ∈ (0, 1] towards 1 by a factor of at
+        # most ~1.5 per (order-1) step while s is small, so from a raw weight, 20 iterations leave
+        # the small singular values of an ill-conditioned (or badly scaled, once pre-scaled by a
+        # bound that over-estimates ‖W‖₂) matrix far below 1. From an orthonormal V the pre-scale
+        # only shrinks singular values to d^(-1/8) (d the smaller side), from which 5–7
+        # iterations reach 1 - 1e-4 for d up to 65536: training starts on the manifold, stays near
+        # it, and the default 20 iterations keep every singular value within 1e-4 of 1.
+        _check_finite(weight, "bjorck_orthonormal")
+        return _polar_factor(weight)
+
+    def extra_repr(self) -> str:
+        return f"n_iters={self.n_iters}, order={self.order}, eval_iters={self.eval_iters}"
+
+
+def bjorck_orthonormal(
+    module: nn.Linear, n_iters: int = 20, order: int = 1, eval_iters: int | None = None
+) -> nn.Linear:
+    r"""Constrain a Linear layer's weight to be (semi-)orthonormal by Björck's iteration.
+
+    The effective weight is :math:`W = \operatorname{bjorck}_{p}^{(n)}(V)`: ``V`` pre-scaled by a
+    rigorous bound of its spectral norm, then ``n_iters`` Björck–Bowie steps of order ``p``
+
+    .. math:: W \leftarrow W \sum_{k=0}^{p} c_k (I - W^\top W)^k,
+              \qquad c = (1, \tfrac12, \tfrac38, \tfrac5{16}, \tfrac{35}{128}),
+
+    (:func:`lipsort.functional.bjorck`). Every singular value of ``W`` lies in (0, 1] for any
+    ``V``, so :math:`\|W\|_2 \le 1`; gradients flow through the iterations. Registering (and
+    assigning ``module.weight = X``) stores the orthonormal polar factor of the given weight as
+    ``V``, so the singular values of ``W`` are within 1e-4 of 1 at the default settings.
+
+    Args:
+        module: a ``torch.nn.Linear``; its weight has shape ``(out_features, in_features)``.
+            Wide weights get orthonormal rows, tall ones orthonormal columns.
+        n_iters: Björck iterations in training mode (non-negative integer).
+        order: Taylor order ``p`` in 1..4.
+        eval_iters: iterations in eval mode (default: ``n_iters``), e.g. more for a tighter
+            weight at test time at no training cost (the eval weight is computed once).
+
+    Returns:
+        The same module, now parametrized.
+
+    Raises:
+        TypeError: if ``module`` is not a ``torch.nn.Linear``.
+        ValueError: bad ``n_iters``/``order``/``eval_iters``, a weight that is already
+            constrained, uninitialized, or not finite.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> layer = bjorck_orthonormal(nn.Linear(8, 4))
+        >>> s = torch.linalg.svdvals(layer.weight)
+        >>> bool((s - 1).abs().max() < 1e-4)
+        True
+    """
+    _check_linear(module, "bjorck_orthonormal")
+    parametrization = BjorckOrthonormal(n_iters, order, eval_iters).train(module.training)
+    parametrize.register_parametrization(module, "weight", parametrization)
+    return module
+
+
+# --------------------------------------------------------------------------- spectral
+
+
+class SpectralNormalized(EvalCachedConstraint):
+    r"""Parametrization :math:`W = V / \hat\sigma(V)` (see :func:`spectral_normalized`).
+
+    The power-iteration vector ``u`` is a buffer (in the ``state_dict``), updated by
+    ``n_power_iters`` steps at each training-mode evaluation and left alone in eval mode.
+    """
+
+    def __init__(self, in_features: int, n_power_iters: int = 1, dtype=None, device=None):
+        super().__init__()
+        self.n_power_iters = _check_int(n_power_iters, "n_power_iters", 1)
+        u = torch.randn(in_features, dtype=dtype, device=device)
+        self.register_buffer("u", u / u.norm())
+
+    def _sigma(self, original: Tensor, n_iters: int) -> Tensor:
+        sigma, u = F.power_iteration(original, self.u, n_iters)
+        if n_iters:
+            with torch.no_grad():
+                # A zero vector is absorbing for power iteration (it stays zero, and σ̂ = 0
+                # afterwards): keep the previous vector if this step annihilated it.
+                self.u.copy_(torch.where(u.norm() > 0, u, self.u))
+        # σ̂ = 0 only for V u = 0 (e.g. V = 0), where W = V / tiny = 0.
+        return sigma.clamp_min(torch.finfo(original.dtype).tiny)
+
+    def constrain(self, original: Tensor) -> Tensor:
+        return original / self._sigma(original, self.n_power_iters if self.training else 0)
+
+    def cache_inputs(self, original: Tensor) -> tuple[Tensor, ...]:
+        return (original, self.u)
+
+    def right_inverse(self, weight: Tensor) -> Tensor:
+        # V is stored as given (W = V/σ̂ is scale-invariant); a new weight gets a fresh
+        # warm start of u so that σ̂ is accurate from the first step.
+        _check_finite(weight, "spectral_normalized")
+        with torch.no_grad():
+            _, u = F.power_iteration(weight, self.u, _WARM_START_ITERS)
+            if bool(u.norm() > 0):  # zero for V u = 0, e.g. a zero weight: keep a random u
+                self.u.copy_(u)
+        return weight.clone()
+
+    def extra_repr(self) -> str:
+        return f"n_power_iters={self.n_power_iters}"
+
+
+def spectral_normalized(module: nn.Linear, n_power_iters: int = 1) -> nn.Linear:
+    r"""Divide a Linear layer's weight by a power-iteration estimate of its spectral norm.
+
+    The effective weight is :math:`W = V / \hat\sigma` with :math:`\hat\sigma = \|V u\|_2` and
+    ``u`` the current estimate of the top right singular vector of ``V``
+    (:func:`lipsort.functional.power_iteration`; Miyato et al., 2018). ``u`` is a buffer of the
+    parametrization (``parametrizations.weight.0.u`` in the ``state_dict``), warm-started with
+    15 iterations at registration and on ``module.weight = X``, then refined by
+    ``n_power_iters`` steps at every training-mode evaluation of the weight (not in eval mode).
+
+    .. warning:: :math:`\hat\sigma \le \sigma_{\max}(V)` (``u`` is a unit vector), so
+       :math:`\|W\|_2 = \sigma_{\max}(V)/\hat\sigma \ge 1`: the layer is only *approximately*
+       1-Lipschitz. Certificates must use exact norms of the effective weight
+       (:func:`lipsort.functional.operator_norm`), never :math:`\hat\sigma`.
+
+    Args:
+        module: a ``torch.nn.Linear``.
+        n_power_iters: power-iteration steps per training-mode evaluation (integer ≥ 1).
+
+    Returns:
+        The same module, now parametrized.
+
+    Raises:
+        TypeError: if ``module`` is not a ``torch.nn.Linear``.
+        ValueError: bad ``n_power_iters``, or a weight that is already constrained,
+            uninitialized, or not finite.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> layer = spectral_normalized(nn.Linear(16, 8)).eval()
+        >>> norm = float(torch.linalg.matrix_norm(layer.weight, 2))
+        >>> abs(norm - 1) < 1e-3
+        True
+        >>> "parametrizations.weight.0.u" in layer.state_dict()
+        True
+    """
+    _check_linear(module, "spectral_normalized")
+    weight = module.weight
+    parametrization = SpectralNormalized(
+        weight.shape[1], n_power_iters, dtype=weight.dtype, device=weight.device
+    ).train(module.training)
+    parametrize.register_parametrization(module, "weight", parametrization)
+    return module
+
+
+# --------------------------------------------------------------------------- L∞
+
+
+class LinfProjected(EvalCachedConstraint):
+    r"""Parametrization :math:`w_i = \Pi_{\|\cdot\|_1 \le r}(v_i)` (see :func:`linf_projected`)."""
+
+    def __init__(self, radius: float = 1.0):
+        super().__init__()
+        self.radius = _check_radius(radius)
+
+    def constrain(self, original: Tensor) -> Tensor:
+        return F.project_rows_l1(original, self.radius)
+
+    def cache_config(self) -> tuple:
+        return (self.radius,)
+
+    def right_inverse(self, weight: Tensor) -> Tensor:
+        # Rows outside the ball are rescaled onto its surface rather than projected: the
+        # projection soft-thresholds, so for a wide random row (ℓ1 norm ~ n) it zeroes most
+        # entries, and a zero entry stays zero under training because entries below the
+        # threshold get no gradient. Rescaling keeps every entry alive; rows inside the ball
+        # are kept as they are.
+        _check_finite(weight, "linf_projected")
+        l1 = weight.abs().sum(-1, keepdim=True)
+        return torch.where(l1 > self.radius, weight * (self.radius / l1), weight)
+
+    def extra_repr(self) -> str:
+        return f"radius={self.radius}"
+
+
+def linf_projected(module: nn.Linear, radius: float = 1.0) -> nn.Linear:
+    r"""Constrain every row of a Linear layer's weight to the ℓ1 ball, so :math:`\|W\|_\infty \le r`.
+
+    The effective weight is the row-wise Euclidean projection onto the ℓ1 ball
+
+    .. math:: w_i = \arg\min_{\|w\|_1 \le r} \|w - v_i\|_2
+              = \operatorname{sign}(v_i) \max(|v_i| - \theta_i, 0),
+
+    (:func:`lipsort.functional.project_rows_l1`), so the operator norm
+    :math:`\|W\|_{\infty\to\infty} = \max_i \|w_i\|_1 \le r` exactly as computed (the layer is
+    ``r``-Lipschitz in ℓ∞). Rows already inside the ball are unchanged. On registration and on
+    ``module.weight = X``, rows of ``X`` outside the ball are *rescaled* onto its surface, which
+    keeps all their entries non-zero (and trainable).
+
+    Args:
+        module: a ``torch.nn.Linear``.
+        radius: the bound ``r > 0`` on every row's ℓ1 norm.
+
+    Returns:
+        The same module, now parametrized.
+
+    Raises:
+        TypeError: if ``module`` is not a ``torch.nn.Linear``.
+        ValueError: a non-positive or non-finite ``radius``, or a weight that is already
+            constrained, uninitialized, or not finite.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> layer = linf_projected(nn.Linear(16, 4), radius=2.0)
+        >>> bool(layer.weight.abs().sum(1).max() <= 2.0)
+        True
+    """
+    _check_linear(module, "linf_projected")
+    parametrization = LinfProjected(radius).train(module.training)
+    parametrize.register_parametrization(module, "weight", parametrization)
+    return module
+
+
+# --------------------------------------------------------------------------- export
+
+
+def frozen(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with every parametrized tensor replaced by its eval-mode value.
+
+    Each parametrization is removed with ``leave_parametrized=True`` on a copy put in eval mode,
+    so the copy holds plain ``nn.Parameter`` weights equal to the effective eval-mode weights
+    (no Björck iterations or projections at inference, no dependence on a cache); each module's
+    train/eval flag is then restored to the one it had. ``frozen(model)`` in eval mode gives the
+    same outputs as ``model.eval()``; ``model`` itself is not modified.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(bjorck_orthonormal(nn.Linear(4, 4)), nn.ReLU())
+        >>> plain = frozen(net)
+        >>> parametrize.is_parametrized(plain[0])
+        False
+        >>> x = torch.randn(3, 4)
+        >>> torch.equal(plain(x), net.eval()(x))
+        True
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"frozen expects a torch.nn.Module, got a {type(model).__name__}")
+    clone = copy.deepcopy(model)
+    modes = [(m, m.training) for m in clone.modules()]
+    clone.eval()
+    for m in list(clone.modules()):
+        if parametrize.is_parametrized(m):
+            # A deep copy of a parametrized module shares its generated class (which holds the
+            # `weight` property) with the original, and remove_parametrizations deletes that
+            # property from the class: give the copy a class of its own first, or the
+            # original model would lose its weights.
+            cls = type(m)
+            namespace = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+            m.__class__ = type(cls.__name__, cls.__bases__, namespace)
+            for name in list(m.parametrizations.keys()):
+                parametrize.remove_parametrizations(m, name, leave_parametrized=True)
+    for m, mode in modes:
+        m.training = mode
+    return clone

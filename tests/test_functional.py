@@ -1,0 +1,208 @@
+"""Invariants of the pure operations: permutations, exact norms, convergence, projections."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lipsort import functional as F
+
+DT = torch.float64
+
+SORTS = [
+    ("group_sort3", lambda x, d: F.group_sort(x, 3, d)),
+    ("max_min", lambda x, d: F.max_min(x, d)),
+    ("group_sort2", lambda x, d: F.group_sort(x, 2, d)),
+    ("full_sort", lambda x, d: F.full_sort(x, d)),
+]
+
+
+def _random(shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("name,op", SORTS)
+@pytest.mark.parametrize("dim", [0, 1, 2, -1])
+def test_sorts_permute_each_group_and_preserve_norms(name, op, dim):
+    x = _random((6, 12, 6), seed=1)
+    y = op(x, dim)
+    assert y.shape == x.shape
+    g = {"group_sort3": 3, "max_min": 2, "group_sort2": 2, "full_sort": x.shape[dim]}[name]
+    xs = x.movedim(dim, -1).reshape(-1, x.shape[dim] // g, g)
+    ys = y.movedim(dim, -1).reshape(-1, x.shape[dim] // g, g)
+    # Same multiset in each group, sorted largest first.
+    assert torch.equal(xs.sort(-1, descending=True).values, ys)
+    for p in (1, 2, math.inf):
+        assert torch.allclose(torch.linalg.vector_norm(y, p), torch.linalg.vector_norm(x, p), rtol=1e-14)
+
+
+@pytest.mark.parametrize("name,op", SORTS)
+def test_sort_jacobian_is_a_permutation(name, op):
+    x = _random((1, 12), seed=2)
+    jac = torch.autograd.functional.jacobian(lambda t: op(t, 1), x).reshape(12, 12)
+    assert set(jac.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(jac.sum(0), torch.ones(12, dtype=DT)) and torch.equal(jac.sum(1), torch.ones(12, dtype=DT))
+
+
+def test_max_min_jacobian_is_a_permutation_at_ties():
+    # Inputs with exact ties (e.g. zeros after a sparse layer) must not split the gradient.
+    x = torch.zeros(1, 4, dtype=DT, requires_grad=True)
+    jac = torch.autograd.functional.jacobian(lambda t: F.max_min(t, 1), x).reshape(4, 4)
+    assert torch.equal(jac.sum(0), torch.ones(4, dtype=DT)) and set(jac.unique().tolist()) == {0.0, 1.0}
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    groups=st.integers(1, 5),
+    group_size=st.integers(1, 5),
+    batch=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+)
+def test_gradient_norm_preserved(groups, group_size, batch, seed):
+    x = _random((batch, groups * group_size), seed).requires_grad_()
+    g = _random((batch, groups * group_size), seed + 1)
+    (F.group_sort(x, group_size) * g).sum().backward()
+    assert torch.allclose(x.grad.norm(dim=1), g.norm(dim=1), rtol=1e-14)
+
+
+def test_max_min_equals_group_sort_2_and_full_sort_equals_one_group():
+    x = _random((5, 8))
+    assert torch.equal(F.max_min(x), F.group_sort(x, 2))
+    assert torch.equal(F.full_sort(x), F.group_sort(x, 8))
+
+
+def test_gradcheck_functional_ops():
+    x = _random((3, 6), seed=4).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: F.group_sort(t, 3), (x,))
+    assert torch.autograd.gradcheck(F.max_min, (x,))
+    assert torch.autograd.gradcheck(F.full_sort, (x,))
+    w = _random((5, 3), seed=5).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: F.bjorck(t, 8, 2), (w,))
+    v = _random((4, 6), seed=6).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: F.project_rows_l1(3 * t), (v,))
+    # The vector is updated without gradient; at convergence the estimate's gradient is that
+    # of σ_max itself (u vᵀ, envelope theorem), which finite differences see.
+    assert torch.autograd.gradcheck(lambda t: F.power_iteration(t, torch.ones(3, dtype=DT), 300)[0], (w,))
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (16, 48), (48, 16), (3, 7, 5)])
+@pytest.mark.parametrize("scale", [1e-12, 1e-3, 1.0, 1e3, 1e12])
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+def test_bjorck_converges_for_any_scale(shape, scale, order):
+    w = _random(shape, seed=7) * scale
+    out = F.bjorck(w, n_iters=40, order=order)
+    s = torch.linalg.svdvals(out)
+    assert torch.isfinite(out).all()
+    assert (s - 1).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+def test_bjorck_singular_values_increase_monotonically_to_one(order):
+    # Pre-scaled iterates never overshoot: ‖W‖₂ ≤ 1 at every iteration, σ_min never decreases.
+    w = _random((24, 24), seed=8) @ torch.diag(torch.logspace(-3, 3, 24, dtype=DT))
+    prev = torch.linalg.svdvals(F.bjorck_prescale(w))
+    for n in range(1, 30):
+        s = torch.linalg.svdvals(F.bjorck(w, n, order))
+        assert s.max() <= 1 + 1e-12
+        assert s.min() >= prev.min() - 1e-12
+        prev = s
+
+
+def test_bjorck_is_the_polar_factor_and_fixes_orthonormal_matrices():
+    w = _random((20, 12), seed=9)
+    u, _, vh = torch.linalg.svd(w, full_matrices=False)
+    assert torch.allclose(F.bjorck(w, 60), u @ vh, atol=1e-10)
+    q = u @ vh
+    assert torch.allclose(F.bjorck(q, 5), q, atol=1e-12)
+
+
+def test_bjorck_prescale_is_a_rigorous_bound():
+    for seed in range(20):
+        w = _random((10 + seed, 30), seed) * 10 ** (seed - 10)
+        assert torch.linalg.matrix_norm(F.bjorck_prescale(w), 2) <= 1 + 1e-12
+
+
+def test_power_iteration_underestimates_and_converges():
+    w = _random((30, 20), seed=10)
+    exact = torch.linalg.matrix_norm(w, 2)
+    u = _random((20,), seed=11)
+    for n in (1, 2, 5):
+        sigma, _ = F.power_iteration(w, u, n)
+        assert sigma <= exact + 1e-12
+    sigma, u1 = F.power_iteration(w, u, 500)
+    assert torch.allclose(sigma, exact, rtol=1e-8)
+    assert torch.allclose(u1.norm(), torch.tensor(1.0, dtype=DT))
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**16), scale=st.floats(1e-3, 1e3), radius=st.floats(0.1, 10), n=st.integers(1, 40))
+def test_project_rows_l1_is_the_exact_projection(seed, scale, radius, n):
+    w = _random((8, n), seed) * scale
+    p = F.project_rows_l1(w, radius)
+    row = p.abs().sum(-1)
+    inside = w.abs().sum(-1) <= radius
+    assert (row <= radius).all()
+    assert torch.equal(p[inside], w[inside])
+    assert torch.equal(F.project_rows_l1(p, radius), p)
+    # Optimality (KKT): a projected row lies on the sphere, keeps signs, and its nonzero
+    # entries are |w| shrunk by one common threshold θ ≥ the magnitudes it zeroed.
+    for i in torch.nonzero(~inside).flatten():
+        assert torch.isclose(row[i], torch.tensor(radius, dtype=row.dtype), rtol=1e-12)
+        nz = p[i] != 0
+        theta = (w[i].abs() - p[i].abs())[nz]
+        assert torch.allclose(theta, theta[0].expand_as(theta), atol=1e-9 * scale)
+        assert (w[i].abs()[~nz] <= theta[0] + 1e-9 * scale).all()
+        assert (torch.sign(p[i][nz]) == torch.sign(w[i][nz])).all()
+
+
+def test_project_rows_l1_matches_a_brute_force_solver():
+    # Bisection on the threshold θ of the soft-thresholding solution, to 1e-13.
+    w = _random((6, 9), seed=12) * 3
+    p = F.project_rows_l1(w, 1.0)
+    for i in range(6):
+        a = w[i].abs()
+        lo, hi = 0.0, float(a.max())
+        for _ in range(200):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if (a - mid).clamp_min(0).sum() > 1 else (lo, mid)
+        assert torch.allclose(p[i], torch.sign(w[i]) * (a - hi).clamp_min(0), atol=1e-12)
+
+
+def test_operator_norms_are_exact():
+    w = _random((7, 5), seed=13)
+    assert torch.allclose(F.operator_norm(w, 2), torch.linalg.svdvals(w)[0])
+    assert torch.allclose(F.operator_norm(w, "inf"), w.abs().sum(1).max())
+    assert torch.allclose(F.operator_norm(w, math.inf), F.operator_norm(w, "inf"))
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: F.group_sort(torch.zeros(2, 6), 4), "group_size=4 does not divide the 6 units"),
+        (lambda: F.group_sort(torch.zeros(2, 6), 0), "positive integer"),
+        (lambda: F.max_min(torch.zeros(2, 5)), "group_size=2 does not divide the 5 units"),
+        (lambda: F.max_min(torch.zeros(2, 4), dim=3), "out of range"),
+        (lambda: F.full_sort(torch.tensor(1.0)), "scalar"),
+        (lambda: F.bjorck(torch.zeros(3), 5), "matrix"),
+        (lambda: F.bjorck(torch.zeros(3, 3), 5, order=5), "order must be 1, 2, 3 or 4"),
+        (lambda: F.bjorck(torch.zeros(3, 3), -1), "non-negative"),
+        (lambda: F.bjorck(torch.zeros(3, 3, dtype=torch.int64), 5), "floating-point"),
+        (lambda: F.power_iteration(torch.zeros(3, 4), torch.ones(3)), r"u must have shape \(4,\)"),
+        (lambda: F.project_rows_l1(torch.zeros(3, 4), radius=0), "radius must be positive"),
+        (lambda: F.operator_norm(torch.zeros(3, 4), 1), "p=2 and p=inf"),
+        (lambda: F.max_min([1.0, 2.0]), "torch.Tensor"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(call, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        call()
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e30])
+def test_bjorck_float32_extreme_scales_stay_finite(scale):
+    w = _random((40, 24), seed=14).float() * scale
+    s = torch.linalg.svdvals(F.bjorck(w, n_iters=40))
+    assert torch.isfinite(s).all() and (s - 1).abs().max() < 1e-4

@@ -1,0 +1,242 @@
+"""The reproduction ledger: schema validation, expectation checks, finish(), committed results."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+import lipsort
+from lipsort.experiments import ledger, pages
+from lipsort.experiments.ledger import Claim, ClaimsError, load_claims
+from lipsort.experiments.record import finish
+
+REPO = Path(lipsort.__file__).resolve().parents[1]
+BOOK = REPO / "book"
+
+GOOD = {
+    "id": "T1-demo",
+    "paper": "anil2019",
+    "statement": "E|X| is sqrt(2/pi).",
+    "published": 0.7979,
+    "source": "exact",
+    "chapter": "01_demo",
+    "key": "mean.abs",
+    "expect": {"approx": 0.8, "tol": 0.01},
+    "profile": "quick",
+}
+
+
+def make_root(tmp_path: Path, entries, chapters=("01_demo",)) -> Path:
+    (tmp_path / "book").mkdir(exist_ok=True)
+    (tmp_path / "notebooks").mkdir(exist_ok=True)
+    for slug in chapters:
+        (tmp_path / "notebooks" / f"{slug}.md").write_text("")
+    text = entries if isinstance(entries, str) else yaml.safe_dump(entries, sort_keys=False)
+    (tmp_path / "book" / "claims.yml").write_text(text)
+    return tmp_path / "book" / "claims.yml"
+
+
+def claim(**changes) -> Claim:
+    return Claim(**{**GOOD, **changes})
+
+
+# --- schema -------------------------------------------------------------------------------
+
+def test_valid_ledger_loads(tmp_path):
+    path = make_root(tmp_path, [GOOD, {**GOOD, "id": "T2", "expect": {"min": 0.5}, "profile": "full"}])
+    claims = load_claims(path)
+    assert [c.id for c in claims] == ["T1-demo", "T2"]
+    assert claims[1].expect == {"min": 0.5}
+
+
+def test_comment_only_ledger_is_empty(tmp_path):
+    assert load_claims(make_root(tmp_path, "# header only\n")) == []
+
+
+def test_missing_file_names_the_path(tmp_path):
+    with pytest.raises(ClaimsError, match="tried .*nope.yml"):
+        load_claims(tmp_path / "nope.yml")
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ({k: v for k, v in GOOD.items() if k != "key"}, r"lacks the required field\(s\) \['key'\]"),
+        ({**GOOD, "tolerance": 1}, r"unknown field\(s\) \['tolerance'\]"),
+        ({**GOOD, "paper": "anil2018"}, "paper 'anil2018' is not one of"),
+        ({**GOOD, "source": "blog"}, "source 'blog' is not one of"),
+        ({**GOOD, "profile": "medium"}, "profile 'medium' is not one of"),
+        ({**GOOD, "published": "97%"}, "published must be a finite number or null"),
+        ({**GOOD, "expect": {"approx": 1.0}}, "expect must be"),
+        ({**GOOD, "expect": {"min": 1, "tol": 0.1}}, "expect must be"),
+        ({**GOOD, "expect": {"approx": 1.0, "tol": 0}}, "expect.tol must be positive"),
+        ({**GOOD, "expect": {"min": 2, "max": 1}}, "exceeds expect.max"),
+        ({**GOOD, "expect": {"min": ".9"}}, "expect.min must be a finite number"),
+        ({**GOOD, "chapter": "09_missing"}, r"chapter '09_missing' has no notebook \(tried .*09_missing.md\)"),
+        ({**GOOD, "statement": ""}, "'statement' must be a non-empty string"),
+    ],
+)
+def test_schema_errors(tmp_path, entry, message):
+    with pytest.raises(ClaimsError, match=message):
+        load_claims(make_root(tmp_path, [entry]))
+
+
+def test_duplicate_ids_rejected(tmp_path):
+    with pytest.raises(ClaimsError, match="duplicate claim id 'T1-demo'"):
+        load_claims(make_root(tmp_path, [GOOD, GOOD]))
+
+
+def test_not_a_list_and_bad_yaml(tmp_path):
+    with pytest.raises(ClaimsError, match="must hold a YAML list"):
+        load_claims(make_root(tmp_path, {"id": "x"}))
+    with pytest.raises(ClaimsError, match="not valid YAML"):
+        load_claims(make_root(tmp_path, "- [unclosed\n"))
+
+
+# --- expectations -------------------------------------------------------------------------
+
+def test_approx_is_inclusive():
+    c = claim(expect={"approx": 1.0, "tol": 0.25})  # exact in binary: no rounding at the edge
+    assert c.holds(1.25) and c.holds(0.75) and c.holds(1.0)
+    assert not c.holds(1.2500001) and not c.holds(0.7499999)
+
+
+def test_bounds_are_inclusive():
+    assert claim(expect={"min": 0.5}).holds(0.5) and not claim(expect={"min": 0.5}).holds(0.4999)
+    assert claim(expect={"max": 0.5}).holds(0.5) and not claim(expect={"max": 0.5}).holds(0.5001)
+    both = claim(expect={"min": 0.0, "max": 1.0})
+    assert both.holds(0.0) and both.holds(1.0) and not both.holds(-1e-9) and not both.holds(1.0 + 1e-9)
+
+
+def test_precision_follows_tolerance():
+    assert ledger.decimals_for({"approx": 1, "tol": 0.01}) == 3
+    assert ledger.decimals_for({"approx": 1, "tol": 0.05}) == 3
+    assert ledger.decimals_for({"approx": 1, "tol": 0.5}) == 2
+    assert ledger.decimals_for({"approx": 90, "tol": 2}) == 1
+    assert ledger.decimals_for({"min": 0.99}) == 3
+    assert ledger.format_value(-0.0001, 3) == "0.000"
+    assert claim(expect={"min": 0.99}).expectation() == "≥ 0.990"
+    assert claim(expect={"approx": 1.0, "tol": 0.01}).expectation() == "1.000 ± 0.010"
+
+
+def test_must_hold_by_profile():
+    quick, full = claim(profile="quick"), claim(profile="full")
+    assert ledger.must_hold(quick, "quick") and ledger.must_hold(quick, "full")
+    assert not ledger.must_hold(full, "quick") and ledger.must_hold(full, "full")
+
+
+# --- finish -------------------------------------------------------------------------------
+
+def test_finish_passes_prints_and_writes(tmp_path, capsys):
+    path = make_root(tmp_path, [GOOD])
+    out = tmp_path / "results"
+    assert finish("01_demo", {"mean.abs": 0.80412, "other": 1234.5678}, results_dir=out, claims_file=path) is None
+    text = capsys.readouterr().out
+    assert "mean.abs  0.804" in text  # tol 0.01 -> 3 decimals
+    assert "other     1235" in text  # no claim -> 4 significant digits
+    assert "T1-demo" in text and "holds" in text
+    record = json.loads((out / "01_demo.json").read_text())
+    assert record["results"] == {"mean.abs": 0.80412, "other": 1234.5678}
+    assert record["claims"] == {"T1-demo": "holds"}
+
+
+def test_finish_raises_on_failing_claim_after_writing(tmp_path, capsys):
+    path = make_root(tmp_path, [GOOD, {**GOOD, "id": "T3-ok", "expect": {"min": 0.0}}])
+    with pytest.raises(AssertionError, match=r"(?s)1 claim\(s\) of chapter 01_demo fail.*T1-demo: mean.abs = 0.900"):
+        finish("01_demo", {"mean.abs": 0.9}, results_dir=tmp_path / "r", claims_file=path)
+    assert "FAILS" in capsys.readouterr().out
+    # The failing value is recorded, so the ledger page can show it.
+    assert json.loads((tmp_path / "r" / "01_demo.json").read_text())["claims"]["T1-demo"] == "fails"
+
+
+def test_full_claims_are_only_reported_at_quick(tmp_path, capsys):
+    path = make_root(tmp_path, [{**GOOD, "profile": "full"}])
+    finish("01_demo", {"mean.abs": 0.9}, profile="quick", claims_file=path)
+    assert "reported (full profile claim)" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="T1-demo"):
+        finish("01_demo", {"mean.abs": 0.9}, profile="full", claims_file=path)
+
+
+def test_finish_uses_the_env_override(tmp_path, monkeypatch):
+    monkeypatch.setenv(ledger.CLAIMS_ENV, str(make_root(tmp_path, [GOOD])))
+    with pytest.raises(AssertionError, match="T1-demo"):
+        finish("01_demo", {"mean.abs": 0.5})
+    finish("01_demo", {"mean.abs": 0.8})
+
+
+def test_finish_validates_results(tmp_path):
+    path = make_root(tmp_path, [GOOD])
+    with pytest.raises(ValueError, match=r"chapter 01_demo: the results lack key\(s\) 'mean.abs' \(claim T1-demo\)"):
+        finish("01_demo", {"mean": 0.8}, claims_file=path)
+    with pytest.raises(TypeError, match="must be a dict"):
+        finish("01_demo", [("mean.abs", 0.8)], claims_file=path)
+    with pytest.raises(TypeError, match="the dict is flat"):
+        finish("01_demo", {"mean.abs": 0.8, "nested": {"a": 1.0}}, claims_file=path)
+    with pytest.raises(TypeError, match="must be a number"):
+        finish("01_demo", {"mean.abs": 0.8, "flag": True}, claims_file=path)
+    with pytest.raises(ValueError, match="'mean.abs' is not finite"):
+        finish("01_demo", {"mean.abs": math.nan}, claims_file=path)
+    with pytest.raises(ValueError, match="slug must look like"):
+        finish("demo", {"mean.abs": 0.8}, claims_file=path)
+    with pytest.raises(ValueError, match="profile must be one of"):
+        finish("01_demo", {"mean.abs": 0.8}, profile="medium", claims_file=path)
+
+
+def test_finish_accepts_numpy_and_torch_scalars(tmp_path):
+    import numpy as np
+    import torch
+
+    path = make_root(tmp_path, [GOOD])
+    finish("01_demo", {"mean.abs": np.float32(0.8), "t": torch.tensor(2.0)}, results_dir=tmp_path, claims_file=path)
+    assert json.loads((tmp_path / "01_demo.json").read_text())["results"]["t"] == 2.0
+
+
+# --- the committed ledger and results -----------------------------------------------------
+
+def committed_results() -> dict:
+    return pages.load_results(BOOK / "results")
+
+
+def test_committed_ledger_is_valid():
+    load_claims(BOOK / "claims.yml")
+
+
+def test_committed_reproduction_page_is_up_to_date():
+    results = committed_results()
+    if not any(results.values()):
+        pytest.skip("no committed results in book/results/ yet (python -m lipsort.reproduce writes them)")
+    expected = pages.render_reproduction(load_claims(BOOK / "claims.yml"), results)
+    assert (BOOK / "reproduction.md").read_text() == expected, (
+        "book/reproduction.md is stale: run python -m lipsort.reproduce --render-only"
+    )
+    assert (BOOK / "status.md").read_text() == pages.render_status(results)
+
+
+def test_quick_claims_hold_in_committed_results():
+    """The claim check: fails as soon as a quick-profile claim stops holding (or lacks a value)."""
+    results = committed_results()
+    if not results["quick"]:
+        pytest.skip("no committed quick-profile results in book/results/quick/ yet")
+    problems = []
+    for c in load_claims(BOOK / "claims.yml"):
+        for profile in ("quick", "full"):
+            if not ledger.must_hold(c, profile):
+                continue
+            record = results[profile].get(c.chapter)
+            if record is None:
+                if profile == "quick":
+                    problems.append(f"{c.id}: no quick-profile results for chapter {c.chapter}")
+                continue
+            value = record["results"].get(c.key)
+            if value is None:
+                problems.append(f"{c.id}: key {c.key!r} missing from book/results/{profile}/{c.chapter}.json")
+            elif not c.holds(value):
+                problems.append(
+                    f"{c.id} fails at {profile}: {c.key} = {ledger.format_value(value, c.decimals)}, "
+                    f"expected {c.expectation()}"
+                )
+    assert not problems, "\n".join(problems)
