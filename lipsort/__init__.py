@@ -10,17 +10,46 @@ Example:
     True
 """
 
-from . import functional
+import importlib
+
+from . import attacks, certify, functional, losses, models, parametrizations
 from .activations import FullSort, GroupSort, MaxMin
+from .certify import certified_accuracy, certified_radius, empirical_lipschitz, lipschitz_upper_bound
+from .parametrizations import bjorck_orthonormal, frozen, linf_projected, spectral_normalized
 from .runtime import seed_everything, setup
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "attacks",
+    "certify",
     "functional",
+    "losses",
+    "models",
+    "optim",
+    "parametrizations",
+    "bjorck_orthonormal",
+    "spectral_normalized",
+    "linf_projected",
+    "frozen",
+    "certified_radius",
+    "certified_accuracy",
+    "lipschitz_upper_bound",
+    "empirical_lipschitz",
     "GroupSort",
     "MaxMin",
     "FullSort",
     "seed_everything",
     "setup",
 ]
+
+
+# Loaded on first access: optim imports pytorch-optimizer (slow), data imports torchvision,
+# experiments imports plotting libraries.
+_LAZY = ("optim", "data", "experiments", "bench", "wasserstein", "distributions", "universality", "sdf")
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

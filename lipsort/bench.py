@@ -171,10 +171,11 @@ class _Config:
     threads: int
     iters: int
     tiny: bool
+    progress: bool
 
 
 def _measure_case(bench: str, case: str, impls, cfg: _Config, metric: str, check) -> list[Row]:
-    """Measure every ``(name, forward, backward)`` of ``impls`` on one case.
+    """Measure every ``(name, forward, backward, note)`` of ``impls`` on one case.
 
     ``forward()`` builds the output (with its autograd graph), ``backward(out)`` finishes the
     pass; ``check(name, out)`` returns the accuracy/agreement value for ``metric``.
@@ -185,18 +186,22 @@ def _measure_case(bench: str, case: str, impls, cfg: _Config, metric: str, check
         with _saved_tensor_bytes(saved):
             out, fwd_s, _ = _probe(forward, cfg.device)
         value = check(name, out)
+        del out
 
         def step(forward=forward, backward=backward):
             return backward(forward())
 
-        _, est_s, peak = _probe(step, cfg.device)  # also the warm-up
-        est_s = max(est_s, fwd_s)
-        median, n = _time(step, est_s, cfg.repeat, cfg.min_time, cfg.threads)
+        peak = None
+        if cfg.device.type == "cuda":  # cheap there; on CPU the Timer's first call warms up
+            _, _, peak = _probe(step, cfg.device)
+        # A backward pass costs about twice the forward: estimate the step from the forward.
+        median, n = _time(step, 3 * fwd_s, cfg.repeat, cfg.min_time, cfg.threads)
         rows.append(
             Row(bench, case, name, median * 1e3, float("nan"), n, metric, value,
                 saved[0] / 2**20 if saved and saved[0] else None, peak, note)
         )
-        del out
+        if cfg.progress:
+            print(f"  {bench} | {case} | {name}: {median * 1e3:.3f} ms, {metric} {value:.1e}", file=sys.stderr)
     base = next(r.time_ms for r in rows if r.impl == "lipsort")
     for r in rows:
         r.ratio = r.time_ms / base
@@ -321,9 +326,12 @@ def _bench_cache(cfg: _Config, deel, notes: list[str]) -> list[Row]:
 _RUNNERS = {"bjorck": _bench_bjorck, "groupsort": _bench_groupsort, "cache": _bench_cache}
 
 
-def run(names=BENCHMARKS, device="cpu", repeat: int = 3, iters: int = 20, threads: int | None = None,
+def run(names=BENCHMARKS, device="cpu", repeat: int = 3, iters: int | None = None, threads: int | None = None,
         min_time: float = 0.2, tiny: bool = False, progress: bool = True) -> dict:
     """Run the named benchmarks and return ``{"meta": {...}, "notes": [...], "rows": [...]}``.
+
+    ``iters`` (Björck iterations) defaults to 20, or 5 with ``tiny`` (tiny sizes: a smoke test
+    of the machinery, not a benchmark).
 
     Example:
         >>> res = run(["groupsort"], repeat=1, min_time=0.001, tiny=True, progress=False)
@@ -336,19 +344,19 @@ def run(names=BENCHMARKS, device="cpu", repeat: int = 3, iters: int = 20, thread
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was requested but torch sees no GPU")
+    if iters is None:
+        iters = 5 if tiny else 20
     if repeat < 1 or iters < 1:
         raise ValueError(f"repeat and iters must be at least 1, got repeat={repeat}, iters={iters}")
     threads = threads or torch.get_num_threads()
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
-    cfg = _Config(device, repeat, min_time, threads, iters, tiny)
+    cfg = _Config(device, repeat, min_time, threads, iters, tiny, progress)
     deel = _deel()
     notes = [] if deel else ["deel-torchlip is not installed: its rows are skipped (pip install deel-torchlip==1.0.5)"]
     rows: list[Row] = []
     try:
-        from tqdm.auto import tqdm
-
-        for name in tqdm(list(names), desc="benchmarks", disable=not progress, file=sys.stderr):
+        for name in names:
             rows += _RUNNERS[name](cfg, deel, notes)
     finally:
         torch.set_num_threads(previous_threads)
@@ -420,10 +428,10 @@ def main(argv=None) -> int:
     parser.add_argument("names", nargs="*", metavar="name", help=f"benchmarks to run, among {', '.join(BENCHMARKS)} (default: all)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--repeat", type=int, default=3, help="timed calls per measurement of a slow case (default 3)")
-    parser.add_argument("--iters", type=int, default=20, help="Björck iterations (default 20)")
+    parser.add_argument("--iters", type=int, default=None, help="Björck iterations (default 20, 5 with --tiny)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's current setting)")
     parser.add_argument("--min-time", type=float, default=0.2, help="seconds spent timing each fast case (default 0.2)")
-    parser.add_argument("--tiny", action="store_true", help="tiny sizes (a smoke test, not a benchmark)")
+    parser.add_argument("--tiny", action="store_true", help="tiny sizes and 5 Björck iterations (a smoke test, not a benchmark)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     args = parser.parse_args(argv)
     names = args.names or list(BENCHMARKS)

@@ -148,7 +148,9 @@ def bjorck_prescale(w: torch.Tensor) -> torch.Tensor:
     """
     _check_matrix(w)
     tiny = torch.finfo(w.dtype).tiny
-    w = w / w.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(tiny)
+    # Detached: the result is invariant to this positive rescaling, so its gradient is the same
+    # with or without it, and the subgradient of a max is avoided.
+    w = w / w.detach().abs().amax(dim=(-2, -1), keepdim=True).clamp_min(tiny)
     g, _ = _gram(w)
     bound = torch.linalg.matrix_norm(g @ g).clamp_min(tiny) ** 0.25
     return w / bound[..., None, None]
@@ -221,6 +223,8 @@ def power_iteration(
     """
     _check_matrix(w)
     _check_tensor(u, "u")
+    if w.dim() != 2:
+        raise ValueError(f"power_iteration takes one (m, n) matrix, got shape {tuple(w.shape)}")
     if u.shape != (w.shape[-1],):
         raise ValueError(f"u must have shape ({w.shape[-1]},) for a weight of shape {tuple(w.shape)}, got {tuple(u.shape)}")
     if isinstance(n_iters, bool) or not isinstance(n_iters, int) or n_iters < 0:
@@ -230,10 +234,13 @@ def power_iteration(
         wd = w.detach()
         u = u / u.norm().clamp_min(eps)
         for _ in range(n_iters):
-            v = wd @ u
-            v = v / v.norm().clamp_min(eps)
-            u = wd.T @ v
-            u = u / u.norm().clamp_min(eps)
+            u_next = wd.T @ (wd @ u)
+            norm = u_next.norm()
+            # W u = 0 (e.g. a zero weight): keep u rather than collapse to the zero vector,
+            # from which the iteration could never recover once W changes.
+            if not norm > eps:
+                break
+            u = u_next / norm
     return torch.linalg.vector_norm(w @ u), u
 
 

@@ -150,6 +150,15 @@ class EvalCachedConstraint(nn.Module):
     The cached weight is *detached*: gradients with respect to the weights need train mode,
     while gradients with respect to the *inputs* (e.g. for adversarial attacks or gradient-norm
     measurements) still flow in eval mode.
+
+    Example:
+        >>> layer = bjorck_orthonormal(nn.Linear(3, 3)).eval()
+        >>> layer.weight is layer.weight  # computed once, then reused
+        True
+        >>> layer.weight.requires_grad
+        False
+        >>> layer.train().weight.requires_grad
+        True
     """
 
     def __init__(self):
@@ -198,7 +207,7 @@ class EvalCachedConstraint(nn.Module):
 
     def __getstate__(self):
         # Weak references cannot be pickled, and a copy must not share the cached tensor.
-        state = self.__dict__.copy()
+        state = super().__getstate__()
         state["_eval_cache"] = None
         return state
 
@@ -228,7 +237,9 @@ class BjorckOrthonormal(EvalCachedConstraint):
         super().__init__()
         self.n_iters = _check_int(n_iters, "n_iters", 0)
         self.order = _check_order(order)
-        self.eval_iters = self.n_iters if eval_iters is None else _check_int(eval_iters, "eval_iters", 0)
+        self.eval_iters = (
+            self.n_iters if eval_iters is None else _check_int(eval_iters, "eval_iters", 0)
+        )
 
     def constrain(self, original: Tensor) -> Tensor:
         n_iters = self.n_iters if self.training else self.eval_iters
@@ -238,14 +249,14 @@ class BjorckOrthonormal(EvalCachedConstraint):
         return (self.eval_iters, self.order)
 
     def right_inverse(self, weight: Tensor) -> Tensor:
-        # Store the orthonormal polar factor of the given weight, not the weight itself. Björck's
-        # iteration raises every pre-scaled singular value s ∈ (0, 1] towards 1 by a factor of at
-        # most ~1.5 per (order-1) step while s is small, so from a raw weight, 20 iterations leave
-        # the small singular values of an ill-conditioned (or badly scaled, once pre-scaled by a
-        # bound that over-estimates ‖W‖₂) matrix far below 1. From an orthonormal V the pre-scale
-        # only shrinks singular values to d^(-1/8) (d the smaller side), from which 5–7
-        # iterations reach 1 - 1e-4 for d up to 65536: training starts on the manifold, stays near
-        # it, and the default 20 iterations keep every singular value within 1e-4 of 1.
+        # Store the orthonormal polar factor of the given weight, not the weight itself.
+        # Björck's iteration raises each pre-scaled singular value s ∈ (0, 1] towards 1 by a
+        # factor of at most ~1.5 per (order-1) step while s is small, so from a raw weight the
+        # small singular values of an ill-conditioned matrix stay far below 1 after 20 steps
+        # (a random 64×64 Gaussian weight can still be 1e-2 away). From an orthonormal V the
+        # pre-scale only shrinks them to d^(-1/8) (d the smaller side), from which 5–7 steps
+        # reach 1 - 1e-4 for any d up to 65536: training starts on the manifold, stays near it
+        # (V drifts slowly), and the default 20 iterations keep every σ within 1e-4 of 1.
         _check_finite(weight, "bjorck_orthonormal")
         return _polar_factor(weight)
 
@@ -420,7 +431,7 @@ class LinfProjected(EvalCachedConstraint):
 
 
 def linf_projected(module: nn.Linear, radius: float = 1.0) -> nn.Linear:
-    r"""Constrain every row of a Linear layer's weight to the ℓ1 ball, so :math:`\|W\|_\infty \le r`.
+    r"""Constrain each row of a Linear layer's weight to the ℓ1 ball: :math:`\|W\|_\infty \le r`.
 
     The effective weight is the row-wise Euclidean projection onto the ℓ1 ball
 

@@ -31,7 +31,7 @@ import os
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +74,6 @@ class Outcome:
     notebook: Path
     error: str = ""
     results_written: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 def plan(
@@ -104,8 +103,6 @@ def plan(
     unknown = [s for s in selected if s not in available]
     if unknown:
         raise ch.ChapterError(f"unknown chapter(s) {unknown}; chapters in {notebooks}: {available}")
-    if not selected:
-        raise ch.ChapterError(f"no chapter to run: {notebooks} has no NN_*.md notebook")
     profiles = ch.load_profiles(notebooks / "profiles.yml")
     load_claims(root / "book" / "claims.yml", notebooks)  # a broken ledger fails now, not at the end
 
@@ -208,20 +205,30 @@ def run(
     root: str | Path,
     profile: str,
     device: str,
-    seed: int | None = None,
     record: bool = True,
 ) -> list[Outcome]:
     """Execute ``jobs`` in order; with ``record``, write each chapter's results and provenance.
 
     Keeps going after a failing chapter; stops (keeping what finished) on KeyboardInterrupt.
     """
-    from tqdm.auto import tqdm
-
     root = Path(root).resolve()
+    # The kernels inherit the environment: finish() then checks this root's ledger.
+    previous = os.environ.get(CLAIMS_ENV)
+    os.environ[CLAIMS_ENV] = str(root / "book" / "claims.yml")
+    try:
+        return _run(jobs, root, profile, device, record)
+    finally:
+        if previous is None:
+            os.environ.pop(CLAIMS_ENV, None)
+        else:
+            os.environ[CLAIMS_ENV] = previous
+
+
+def _run(jobs: list[Job], root: Path, profile: str, device: str, record: bool) -> list[Outcome]:
+    from tqdm import tqdm
+
     notebooks = root / "notebooks"
     results_dir = root / "book" / "results" / profile
-    # The kernels inherit the environment: finish() then checks this root's ledger.
-    os.environ[CLAIMS_ENV] = str(root / "book" / "claims.yml")
     common = {
         **prov.git_state(root),
         "versions": prov.versions(),
@@ -324,11 +331,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:  # ChapterError and ClaimsError
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if not jobs:
+        print(f"no chapter in {root / 'notebooks'} (NN_*.md): nothing to run", file=sys.stderr)
     if args.check:
         for job in jobs:
             print(f"{job.slug}: inject {job.inject}")
         return 0
-    outcomes = run(jobs, root, args.profile, args.device, args.seed, record=args.output is None)
+    outcomes = run(jobs, root, args.profile, args.device, record=args.output is None)
     print("\n" + _summary(outcomes))
     if args.output is None:
         write_pages(root)

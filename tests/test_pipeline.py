@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import nbformat
@@ -11,6 +12,7 @@ import pytest
 import lipsort
 from lipsort import reproduce
 from lipsort.experiments import chapters as ch
+from lipsort.experiments import ledger
 from lipsort.experiments import pages
 
 REPO = Path(lipsort.__file__).resolve().parents[1]
@@ -190,6 +192,15 @@ def test_plan_rejects_incomplete_parameters_cell(tmp_path, capsys):
     assert "may only hold assignments" in capsys.readouterr().err
 
 
+def test_empty_book_renders_its_pages(tmp_path, capsys):
+    make_project(tmp_path)
+    assert reproduce.plan(tmp_path) == []
+    assert reproduce.main(["--root", str(tmp_path)]) == 0
+    assert "nothing to run" in capsys.readouterr().err
+    assert "has no claims yet" in (tmp_path / "book" / "reproduction.md").read_text()
+    assert "book/chapters" not in (tmp_path / "book" / "_toc.yml").read_text()
+
+
 def test_cli_check_unknown_chapter(tmp_path, capsys):
     make_project(tmp_path)
     write_chapter(tmp_path, "01_a", "results = {}")
@@ -200,7 +211,7 @@ def test_cli_check_unknown_chapter(tmp_path, capsys):
 
 # --- the runner end to end ----------------------------------------------------------------
 
-def test_failing_chapter_is_reported_and_others_are_kept(tmp_path, capsys):
+def test_failing_chapter_is_reported_and_others_are_kept(tmp_path, capsys, monkeypatch):
     """A broken chapter: the run goes on, writes the good chapter's results with provenance,
     keeps the partially executed notebook, exits 1 naming the cell error and the notebook."""
     claims = """
@@ -218,9 +229,11 @@ def test_failing_chapter_is_reported_and_others_are_kept(tmp_path, capsys):
     write_chapter(tmp_path, "01_broken", "results = {'x': 1 / 0}")
     write_chapter(tmp_path, "02_good", "import lipsort.experiments\nresults = {'answer': 6 * 7.0}")
 
+    monkeypatch.delenv(ledger.CLAIMS_ENV, raising=False)
     status = reproduce.main(["--root", str(tmp_path), "--profile", "quick"])
     out, err = capsys.readouterr()
     assert status == 1
+    assert ledger.CLAIMS_ENV not in os.environ  # the kernels' ledger override does not leak
     broken_nb = tmp_path / "book" / "chapters" / "01_broken.ipynb"
     assert "ZeroDivisionError: division by zero" in err
     assert str(broken_nb) in err

@@ -1,0 +1,201 @@
+"""Dual Wasserstein estimation: 1-Lipschitz critics give lower bounds; training reaches W1 (chapter 01)."""
+
+from __future__ import annotations
+
+import math
+
+import ot
+import pytest
+import torch
+from torch import nn
+
+from lipsort.certify import lipschitz_upper_bound
+from lipsort.distributions import absolute_value, high_dim_cone, three_cones
+from lipsort.models import mlp
+from lipsort.wasserstein import (
+    CriticHistory,
+    dual_estimate,
+    exact_dual_estimate,
+    gradient_norm_stats,
+    gradient_norms,
+    train_critic,
+)
+
+D = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(old)
+
+
+def emd_w1(x_p, x_q) -> float:
+    a = torch.full((x_p.shape[0],), 1.0 / x_p.shape[0], dtype=D).numpy()
+    b = torch.full((x_q.shape[0],), 1.0 / x_q.shape[0], dtype=D).numpy()
+    return float(ot.emd2(a, b, torch.cdist(x_p.to(D), x_q.to(D)).numpy(), numItermax=10_000_000))
+
+
+# ----------------------------------------------------------------------------- estimates
+
+
+@pytest.mark.parametrize("activation", ["relu", "maxmin", "groupsort"])
+def test_one_lipschitz_critic_is_a_lower_bound_of_exact_w1(activation):
+    gen = torch.Generator().manual_seed(0)
+    samples = {
+        "A2": three_cones().sample(300, generator=gen, dtype=D),
+        "gaussians": (torch.randn(300, 2, generator=gen, dtype=D) + torch.tensor([1.5, 0.0], dtype=D),
+                      0.5 * torch.randn(300, 2, generator=gen, dtype=D)),
+    }
+    for name, (x_p, x_q) in samples.items():
+        w1 = emd_w1(x_p, x_q)
+        best = -math.inf
+        for trial in range(4):
+            torch.manual_seed(trial)
+            gs = 4 if activation == "groupsort" else None
+            critic = mlp([2, 16, 16, 1], activation=activation, constraint="bjorck", group_size=gs).to(D).eval()
+            lip = float(lipschitz_upper_bound(critic))
+            assert lip <= 1 + 1e-9
+            for sign in (1.0, -1.0):  # both orientations of the critic are 1-Lipschitz
+                est = float(dual_estimate(lambda x: sign * critic(x), x_p, x_q))
+                assert est <= w1 + 1e-9, (name, trial, est, w1)
+                best = max(best, est)
+        assert best > 0  # the check is not vacuous: some critic separates the samples
+
+
+def test_optimal_critic_attains_emd_and_a_steeper_one_exceeds_it():
+    pb = high_dim_cone(16)
+    x_p, x_q = pb.sample(200, generator=torch.Generator().manual_seed(1), dtype=D)
+    w1 = emd_w1(x_p, x_q)
+    assert float(dual_estimate(pb.critic, x_p, x_q)) == pytest.approx(w1, abs=1e-9)
+    # A 2-Lipschitz critic is no lower bound: the Lipschitz constraint is what makes it one.
+    assert float(dual_estimate(lambda x: 2 * pb.critic(x), x_p, x_q)) > w1 + 0.5
+
+
+def test_weighted_and_exact_estimates():
+    pb = absolute_value()
+    f = lambda x: x[:, 0].abs() + 0.25 * x[:, 0]  # noqa: E731
+    # Atoms: P = ½δ₋₁ + ½δ₁ -> E_P f = 1, E_Q f = 0.
+    assert exact_dual_estimate(f, pb) == pytest.approx(1.0, abs=1e-15)
+    x_p, w_p = pb.atoms_p()
+    x_q, w_q = pb.atoms_q()
+    assert float(dual_estimate(f, x_p, x_q, w_p, w_q)) == pytest.approx(1.0, abs=1e-15)
+    # Samples converge to it.
+    xs_p, xs_q = pb.sample(20000, generator=torch.Generator().manual_seed(2), dtype=D)
+    assert float(dual_estimate(f, xs_p, xs_q)) == pytest.approx(1.0, abs=4 * 0.25 / math.sqrt(20000))
+    # A module keeps its training mode after an exact evaluation.
+    net = mlp([1, 8, 1], activation="maxmin", constraint="bjorck")
+    net.train()
+    exact_dual_estimate(net, pb)
+    assert net.training
+    net.eval()
+    exact_dual_estimate(net, pb)
+    assert not net.training
+
+
+def test_gradient_norms_and_stats():
+    x = torch.randn(50, 3, dtype=D)
+    g = gradient_norms(lambda z: z @ torch.tensor([1.0, -2.0, 2.0], dtype=D), x)
+    assert torch.allclose(g, torch.full((50,), 3.0, dtype=D))
+    # Matches the definition on a network, sample by sample.
+    torch.manual_seed(0)
+    net = mlp([3, 16, 1], activation="relu", constraint=None).to(D)
+    g = gradient_norms(net, x)
+    for i in (0, 17, 49):
+        xi = x[i : i + 1].clone().requires_grad_(True)
+        (gi,) = torch.autograd.grad(net(xi).sum(), xi)
+        assert float(gi.norm()) == pytest.approx(float(g[i]), rel=1e-12)
+    assert torch.equal(gradient_norms(lambda z: torch.zeros(z.shape[0], dtype=D), x), torch.zeros(50, dtype=D))
+    stats = gradient_norm_stats(torch.tensor([0.2, 0.995, 1.0, 0.5], dtype=D))
+    assert stats == pytest.approx({"mean": 0.67375, "median": 0.5, "min": 0.2, "max": 1.0, "frac_unit": 0.5})
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_train_maxmin_bjorck_critic_reaches_w1_on_a1():
+    pb = absolute_value()
+    torch.manual_seed(0)
+    critic = mlp([1, 64, 64, 1], activation="maxmin", constraint="bjorck")
+    hist = train_critic(
+        critic, pb, steps=300, evaluate=lambda f: exact_dual_estimate(f, pb), eval_every=100, progress=False
+    )
+    assert isinstance(hist, CriticHistory)
+    assert hist.eval_steps == [100, 200, 300] and len(hist.train) == 300
+    assert hist.final > 0.95
+    assert hist.final <= 1 + 1e-5  # a 1-Lipschitz critic never exceeds the exact W1
+    assert critic.training
+
+
+def test_train_relu_bjorck_critic_stays_below_one_over_sqrt3():
+    # The chapter's bound: a [1, n, n, 1] ReLU critic with ‖W‖₂ ≤ 1 has estimate ≤ 1/√3 on A1.
+    pb = absolute_value()
+    torch.manual_seed(0)
+    critic = mlp([1, 32, 32, 1], activation="relu", constraint="bjorck")
+    hist = train_critic(critic, pb, steps=150, optimizer="adam", lr=0.01, evaluate=lambda f: exact_dual_estimate(f, pb), progress=False)
+    assert 0.3 < hist.final <= 1 / math.sqrt(3) + 1e-5
+
+
+def test_training_is_deterministic_and_default_eval_is_sampled():
+    pb = three_cones()
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        critic = mlp([2, 16, 16, 1], activation="maxmin", constraint="spectral")
+        runs.append(train_critic(critic, pb, steps=20, eval_every=10, eval_samples=256, seed=7, progress=False))
+    assert runs[0].train == runs[1].train and runs[0].eval == runs[1].eval
+    assert runs[0].eval_steps == [10, 20]
+
+
+def test_bad_inputs_raise():
+    pb = absolute_value()
+    f = lambda x: x[:, 0]  # noqa: E731
+    with pytest.raises(ValueError, match="same shape"):
+        dual_estimate(f, torch.zeros(3, 1), torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="non-empty"):
+        dual_estimate(f, torch.zeros(0, 1), torch.zeros(3, 1))
+    with pytest.raises(ValueError, match="non-empty"):
+        dual_estimate(f, torch.zeros(3), torch.zeros(3))
+    with pytest.raises(TypeError, match="floating-point"):
+        dual_estimate(f, torch.zeros(3, 1, dtype=torch.long), torch.zeros(3, 1))
+    with pytest.raises(ValueError, match="one score per sample"):
+        dual_estimate(lambda x: x.repeat(1, 2), torch.zeros(3, 1), torch.zeros(3, 1))
+    with pytest.raises(TypeError, match="must return a tensor"):
+        dual_estimate(lambda x: 1.0, torch.zeros(3, 1), torch.zeros(3, 1))
+    with pytest.raises(ValueError, match="sum to 1"):
+        dual_estimate(f, torch.zeros(2, 1), torch.zeros(1, 1), torch.tensor([0.5, 0.6]))
+    with pytest.raises(ValueError, match="shape \\(2,\\)"):
+        dual_estimate(f, torch.zeros(2, 1), torch.zeros(1, 1), torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="no finite list of atoms"):
+        exact_dual_estimate(f, three_cones())
+    with pytest.raises(TypeError, match="atoms_p"):
+        exact_dual_estimate(f, object())
+    net = mlp([1, 8, 1], activation="maxmin", constraint=None)
+    for kwargs, match in [
+        ({"steps": 0}, "steps"),
+        ({"steps": 2.5}, "steps"),
+        ({"steps": 5, "batch_size": 0}, "batch_size"),
+        ({"steps": 5, "lr": -1.0}, "lr"),
+        ({"steps": 5, "optimizer": "sgd"}, "optimizer"),
+        ({"steps": 5, "eval_every": 0}, "eval_every"),
+        ({"steps": 5, "max_grad_norm": 0.0}, "max_grad_norm"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            train_critic(net, pb, progress=False, **kwargs)
+    with pytest.raises(TypeError, match="sample_p"):
+        train_critic(net, object(), steps=5, progress=False)
+    with pytest.raises(TypeError, match="nn.Module"):
+        train_critic(f, pb, steps=5, progress=False)
+    frozen = nn.Linear(1, 1).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        train_critic(frozen, pb, steps=5, progress=False)
+    with pytest.raises(ValueError, match="no evaluation"):
+        CriticHistory().final
+    with pytest.raises(ValueError, match="non-empty 1-D"):
+        gradient_norm_stats(torch.zeros(2, 2))
+    # A learning rate so large that the estimate diverges is reported, not silently recorded.
+    wild = nn.Sequential(nn.Linear(1, 4), nn.ReLU(), nn.Linear(4, 1))
+    with pytest.raises(FloatingPointError, match="lower the learning rate"):
+        train_critic(wild, pb, steps=50, optimizer="adam", lr=1e300, max_grad_norm=None, progress=False)
