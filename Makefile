@@ -44,6 +44,7 @@ golden: $(STAMP)
 
 ## bench: benchmarks against peer implementations
 bench: $(STAMP)
+	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python -m lipsort.bench
 
 ## clean: remove build outputs (keeps .venv, results and goldens)

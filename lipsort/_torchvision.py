@@ -1,9 +1,10 @@
 """Import torchvision, working around a broken operator registration on CPU-only torch.
 
-A torchvision 0.28 wheel built against CUDA torch cannot load its compiled ops (``_C.so`` links
-``libc10_cuda.so``) next to a CPU-only torch build. torchvision then skips most of its operator registrations,
-but ``torchvision/_meta_registrations.py`` still registers fake kernels for ``torchvision::nms``
-and ``torchvision::qnms`` unconditionally, and ``import torchvision`` fails with
+A torchvision 0.28 wheel built against CUDA torch cannot load its compiled ops (``_C.so``
+links ``libc10_cuda.so``) next to a CPU-only torch build. torchvision then skips most of its
+operator registrations, but ``torchvision/_meta_registrations.py`` still registers fake
+kernels for ``torchvision::nms`` and ``torchvision::qnms`` unconditionally, and
+``import torchvision`` fails with
 ``RuntimeError: operator torchvision::nms does not exist`` (pytorch/vision#9085).
 
 Defining the schemas of those two operators (exactly as torchvision's C++ code declares them)
@@ -21,7 +22,7 @@ import sys
 
 import torch
 
-__all__ = ["import_torchvision", "MISSING_OPERATOR_SCHEMAS"]
+__all__ = ["MISSING_OPERATOR_SCHEMAS", "import_torchvision"]
 
 #: Schemas of the operators that ``_meta_registrations`` needs to exist, as torchvision's compiled
 #: library declares them (``torchvision::nms(...)`` and ``torchvision::qnms(...)`` in ``_C.so``).

@@ -51,6 +51,24 @@ def _project(delta: Tensor, eps: Tensor, norm: str) -> Tensor:
     return out * _bcast(shrink, delta)
 
 
+def _snap(x_adv: Tensor, x: Tensor, eps: Tensor, norm: str) -> Tensor:
+    """Move coordinates one ulp towards ``x`` until ``‖x_adv − x‖ ≤ ε`` holds as computed.
+
+    ``x + δ`` is rounded, so ``(x + δ) − x`` can exceed ``‖δ‖ ≤ ε`` by an ulp; stepping towards
+    the clean input cannot leave the ball nor the input box (which contains ``x``).
+    """
+    for _ in range(8):
+        d = x_adv - x
+        if norm == "linf":
+            bad = d.abs() > _bcast(eps, x)
+        else:
+            bad = _bcast(_flat_norm(d, 2) > eps, x).expand_as(x)
+        if not bool(bad.any()):
+            break
+        x_adv = torch.where(bad, torch.nextafter(x_adv, x), x_adv)
+    return x_adv
+
+
 def _random_start(x: Tensor, eps: Tensor, norm: str, generator) -> Tensor:
     if norm == "linf":
         u = torch.rand(x.shape, dtype=x.dtype, device=x.device, generator=generator)
@@ -116,8 +134,8 @@ def pgd(
         progress: show a tqdm bar over the steps.
 
     Returns:
-        Adversarial inputs, detached, with ``‖x_adv − x‖ ≤ ε`` per sample (up to the rounding
-        of ``x + δ``).
+        Adversarial inputs, detached, with ``‖x_adv − x‖ ≤ ε`` per sample as computed in
+        floating point (the rounding of ``x + δ`` is corrected by ulp steps towards ``x``).
 
     Example:
         >>> model = nn.Linear(2, 2, bias=False)
@@ -167,7 +185,7 @@ def pgd(
         iterator = tqdm(iterator, desc=f"PGD {norm}", leave=False)
     with torch.enable_grad():
         for t in iterator:
-            x_adv = (x + delta).detach().requires_grad_(True)
+            x_adv = _snap((x + delta).detach(), x, eps_t, norm).requires_grad_(True)
             objective, m = _objective(model(x_adv), y, loss)
             with torch.no_grad():
                 better = m < best_m

@@ -2,10 +2,11 @@ r"""Benchmarks of the library against peers, reported as ratios measured in one 
 
 ``python -m lipsort.bench [bjorck] [groupsort] [cache] [--device cpu|cuda] [--repeat N]
 [--json PATH]`` prints one table row per (case, implementation): the median time of a
-forward + backward pass (measured with :class:`torch.utils.benchmark.Timer`), the ratio
-``time / time of lipsort`` in the same case and run (above 1: lipsort is faster), an accuracy
-or agreement check, and the memory autograd keeps for the backward pass. Absolute times depend
-on the machine and its load; only ratios within one run are meant to be compared.
+forward + backward pass (measured with :class:`torch.utils.benchmark.Timer`, the
+implementations of a case timed in interleaved rounds so that load changes hit them alike),
+the ratio ``time / time of lipsort`` in the same case and run (above 1: lipsort is faster),
+an accuracy or agreement check, and the memory autograd keeps for the backward pass. Absolute
+times depend on the machine and its load; only ratios within one run are meant to be compared.
 
 * ``bjorck``: :func:`lipsort.functional.bjorck` (order 1) against the straightforward
   reference :math:`W \leftarrow \tfrac32 W - \tfrac12 W (W^\top W)` after dividing by the
@@ -17,7 +18,7 @@ on the machine and its load; only ratios within one run are meant to be compared
   against a reshape-and-sort implementation and deel-torchlip's ``group_sort``.
 * ``cache``: a Björck MLP in eval mode (constrained weights cached by
   :mod:`lipsort.parametrizations`) against the same model recomputing its weights at every
-  forward pass.
+  forward pass (forward passes only, without gradient).
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ import contextlib
 import copy
 import importlib
 import importlib.metadata
+import itertools
 import json
 import math
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -41,7 +44,15 @@ from torch.utils.benchmark import Timer
 from . import functional as F
 from .activations import MaxMin
 
-__all__ = ["BENCHMARKS", "Row", "reference_bjorck", "naive_group_sort", "run", "format_table", "main"]
+__all__ = [
+    "BENCHMARKS",
+    "Row",
+    "format_table",
+    "main",
+    "naive_group_sort",
+    "reference_bjorck",
+    "run",
+]
 
 BENCHMARKS = ("bjorck", "groupsort", "cache")
 
@@ -135,16 +146,27 @@ def _saved_tensor_bytes(out: list):
     out.append(sum(storages.values()))
 
 
-def _time(fn: Callable[[], object], estimate_s: float, repeat: int, min_time: float, threads: int) -> tuple[float, int]:
-    """Median seconds per call of ``fn`` and the number of replicates it is taken over.
+def _time_interleaved(
+    steps: dict[str, Callable[[], object]], repeat: int, min_time: float, threads: int
+) -> dict[str, tuple[float, int]]:
+    """Median seconds per call of each function, and the number of timings it is taken over.
 
-    ``Timer.blocked_autorange`` runs ``fn`` in blocks until ``max(min_time, repeat ×
-    estimate)`` seconds are spent: about ``repeat`` single calls for slow functions, many
-    blocks of calls for fast ones.
+    The functions are timed in ``repeat`` interleaved rounds (in alternating order), so a
+    change of machine load affects them all alike and their ratios stay meaningful. In each
+    round ``Timer.blocked_autorange`` calls a function once to size its blocks (a warm-up),
+    then in blocks for at least ``min_time`` seconds: one call for slow functions, many for
+    fast ones.
     """
-    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
-    m = timer.blocked_autorange(min_run_time=max(min_time, repeat * estimate_s))
-    return m.median, len(m.times)
+    timers = {
+        name: Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
+        for name, fn in steps.items()
+    }
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    order = list(steps)
+    for r in range(repeat):
+        for name in order if r % 2 == 0 else order[::-1]:
+            times[name] += timers[name].blocked_autorange(min_run_time=min_time).times
+    return {name: (statistics.median(t), len(t)) for name, t in times.items()}
 
 
 def _probe(fn: Callable[[], object], device: torch.device) -> tuple[object, float, float | None]:
@@ -178,30 +200,52 @@ def _measure_case(bench: str, case: str, impls, cfg: _Config, metric: str, check
     """Measure every ``(name, forward, backward, note)`` of ``impls`` on one case.
 
     ``forward()`` builds the output (with its autograd graph), ``backward(out)`` finishes the
-    pass; ``check(name, out)`` returns the accuracy/agreement value for ``metric``.
+    pass (``None`` to time the forward alone); ``check(name, out)`` returns the accuracy or
+    agreement value for ``metric``.
     """
-    rows = []
+    probes, steps = {}, {}
     for name, forward, backward, note in impls:
         saved: list[int] = []
         with _saved_tensor_bytes(saved):
-            out, fwd_s, _ = _probe(forward, cfg.device)
+            out, _, _ = _probe(forward, cfg.device)
         value = check(name, out)
         del out
+        if backward is None:
+            step = forward
+        else:
 
-        def step(forward=forward, backward=backward):
-            return backward(forward())
+            def step(forward=forward, backward=backward):
+                return backward(forward())
 
         peak = None
         if cfg.device.type == "cuda":  # cheap there; on CPU the Timer's first call warms up
             _, _, peak = _probe(step, cfg.device)
-        # A backward pass costs about twice the forward: estimate the step from the forward.
-        median, n = _time(step, 3 * fwd_s, cfg.repeat, cfg.min_time, cfg.threads)
+        steps[name] = step
+        probes[name] = (value, saved[0] / 2**20 if saved and saved[0] else None, peak, note)
+    timed = _time_interleaved(steps, cfg.repeat, cfg.min_time, cfg.threads)
+    rows = []
+    for name, (value, saved_mib, peak, note) in probes.items():
+        median, n = timed[name]
         rows.append(
-            Row(bench, case, name, median * 1e3, float("nan"), n, metric, value,
-                saved[0] / 2**20 if saved and saved[0] else None, peak, note)
+            Row(
+                bench,
+                case,
+                name,
+                median * 1e3,
+                float("nan"),
+                n,
+                metric,
+                value,
+                saved_mib,
+                peak,
+                note,
+            )
         )
         if cfg.progress:
-            print(f"  {bench} | {case} | {name}: {median * 1e3:.3f} ms, {metric} {value:.1e}", file=sys.stderr)
+            print(
+                f"  {bench} | {case} | {name}: {median * 1e3:.3f} ms, {metric} {value:.1e}",
+                file=sys.stderr,
+            )
     base = next(r.time_ms for r in rows if r.impl == "lipsort")
     for r in rows:
         r.ratio = r.time_ms / base
@@ -219,39 +263,97 @@ def _sigma_error(w: torch.Tensor) -> float:
     return float((s - 1).abs().max())
 
 
+def _fwd_bwd(fn, x0: torch.Tensor, grad_out: torch.Tensor):
+    """``forward()`` applying ``fn`` to a fresh leaf copy of ``x0``, and its ``backward(out)``."""
+    x = x0.clone().requires_grad_()
+    return (lambda: fn(x)), (lambda out: torch.autograd.grad(out, x, grad_out))
+
+
+def _bjorck_case(cfg: _Config, deel, m: int, k: int, kind: str) -> list[Row]:
+    n = cfg.iters
+    torch.manual_seed(0)
+    # nn.Linear's default initialization: the weight a Björck layer starts from.
+    w0 = nn.Linear(k, m).weight.detach().to(cfg.device)
+    grad_out = torch.randn(m, k, device=cfg.device)
+    impls = [
+        (
+            "lipsort",
+            *_fwd_bwd(lambda w: F.bjorck(w, n, order=1), w0, grad_out),
+            "rigorous pre-scale, smaller-side Gram",
+        ),
+        (
+            "reference",
+            *_fwd_bwd(lambda w: reference_bjorck(w, n), w0, grad_out),
+            "Frobenius pre-scale, WᵀW Gram",
+        ),
+    ]
+    if deel is not None:
+        normalizers = deel[1]
+
+        def deel_bjorck(w):
+            w = normalizers.spectral_normalization(w)[0]
+            # eps=0: no early stop, so it runs exactly n iterations like the others.
+            return normalizers.bjorck_normalization(w, eps=0.0, maxiter=n)
+
+        impls.append(
+            (
+                "deel-torchlip",
+                *_fwd_bwd(deel_bjorck, w0, grad_out),
+                "power-iteration pre-scale; gradient through the first 4 iterations only",
+            )
+        )
+    return _measure_case(
+        "bjorck",
+        f"{m}x{k} {kind}, {n} it",
+        impls,
+        cfg,
+        "max|σ-1|",
+        lambda name, out: _sigma_error(out),
+    )
+
+
 def _bench_bjorck(cfg: _Config, deel, notes: list[str]) -> list[Row]:
     shapes = (
         [(32, 24, "tall"), (32, 32, "square"), (4, 32, "wide")]
         if cfg.tiny
         else [(1024, 784, "tall"), (1024, 1024, "square"), (10, 1024, "wide")]
     )
-    n = cfg.iters
-    rows = []
-    for m, k, kind in shapes:
-        torch.manual_seed(0)
-        # nn.Linear's default initialization: the weight a Björck layer starts from.
-        w0 = nn.Linear(k, m).weight.detach().to(cfg.device)
-        grad_out = torch.randn(m, k, device=cfg.device)
+    return [row for m, k, kind in shapes for row in _bjorck_case(cfg, deel, m, k, kind)]
 
-        def make(fn):
-            w = w0.clone().requires_grad_()
-            return (lambda: fn(w)), (lambda out: torch.autograd.grad(out, w, grad_out))
 
-        impls = [("lipsort", *make(lambda w: F.bjorck(w, n, order=1)), "rigorous pre-scale, smaller-side Gram"),
-                 ("reference", *make(lambda w: reference_bjorck(w, n)), "Frobenius pre-scale, WᵀW Gram")]
-        if deel is not None:
-            _, normalizers, _ = deel
+def _groupsort_case(cfg: _Config, deel, shape: tuple[int, ...], g: int) -> list[Row]:
+    torch.manual_seed(0)
+    x0 = torch.randn(shape, device=cfg.device)
+    grad_out = torch.randn(shape, device=cfg.device)
+    expected = naive_group_sort(x0, g)
+    if g == 2:
+        ours, what = F.max_min, "max_min (torch.where)"
+    else:
+        ours, what = (lambda x: F.group_sort(x, g)), "group_sort"
+    impls = [
+        ("lipsort", *_fwd_bwd(ours, x0, grad_out), what),
+        ("naive", *_fwd_bwd(lambda x: naive_group_sort(x, g), x0, grad_out), "reshape + sort"),
+    ]
+    if deel is not None:
+        functional = deel[0]
+        impls.append(
+            (
+                "deel-torchlip",
+                *_fwd_bwd(lambda x: functional.group_sort(x, g), x0, grad_out),
+                "ascending order",
+            )
+        )
 
-            def deel_bjorck(w):
-                w = normalizers.spectral_normalization(w)[0]
-                # eps=0: no early stop, so it runs exactly n iterations like the others.
-                return normalizers.bjorck_normalization(w, eps=0.0, maxiter=n)
+    def check(name, out):
+        out = out.detach()
+        if name == "deel-torchlip":  # sorts ascending: flip each group to compare
+            grouped = list(shape)
+            grouped[1:2] = [shape[1] // g, g]
+            out = out.reshape(grouped).flip(2).reshape(shape)
+        return float((out - expected).abs().max())
 
-            impls.append(("deel-torchlip", *make(deel_bjorck),
-                          "power-iteration pre-scale; gradient through first 4 iterations only"))
-        rows += _measure_case("bjorck", f"{m}x{k} {kind}, {n} it", impls, cfg, "max|σ-1|",
-                              lambda name, out: _sigma_error(out))
-    return rows
+    op = "max_min" if g == 2 else f"group_sort g={g}"
+    return _measure_case("groupsort", f"{op} {tuple(shape)}", impls, cfg, "max|Δ| vs naive", check)
 
 
 def _bench_groupsort(cfg: _Config, deel, notes: list[str]) -> list[Row]:
@@ -260,36 +362,7 @@ def _bench_groupsort(cfg: _Config, deel, notes: list[str]) -> list[Row]:
         if cfg.tiny
         else [((256, 1024), 2), ((256, 1024), 4), ((64, 128, 16, 16), 2)]
     )
-    rows = []
-    for shape, g in cases:
-        torch.manual_seed(0)
-        x0 = torch.randn(shape, device=cfg.device)
-        grad_out = torch.randn(shape, device=cfg.device)
-        expected = naive_group_sort(x0, g)
-
-        def make(fn):
-            x = x0.clone().requires_grad_()
-            return (lambda: fn(x)), (lambda out: torch.autograd.grad(out, x, grad_out))
-
-        ours = (lambda x: F.max_min(x)) if g == 2 else (lambda x: F.group_sort(x, g))
-        impls = [("lipsort", *make(ours), "max_min (torch.where)" if g == 2 else "group_sort"),
-                 ("naive", *make(lambda x: naive_group_sort(x, g)), "reshape + sort")]
-        if deel is not None:
-            functional, _, _ = deel
-            impls.append(("deel-torchlip", *make(lambda x: functional.group_sort(x, g)),
-                          "ascending order"))
-
-        def check(name, out):
-            out = out.detach()
-            if name == "deel-torchlip":  # sorts ascending: flip each group to compare
-                grouped = list(shape)
-                grouped[1:2] = [shape[1] // g, g]
-                out = out.reshape(grouped).flip(2).reshape(shape)
-            return float((out - expected).abs().max())
-
-        op = "max_min" if g == 2 else f"group_sort g={g}"
-        rows += _measure_case("groupsort", f"{op} {tuple(shape)}", impls, cfg, "max|Δ| vs naive", check)
-    return rows
+    return [row for shape, g in cases for row in _groupsort_case(cfg, deel, shape, g)]
 
 
 def _bench_cache(cfg: _Config, deel, notes: list[str]) -> list[Row]:
@@ -297,13 +370,15 @@ def _bench_cache(cfg: _Config, deel, notes: list[str]) -> list[Row]:
         P = importlib.import_module("lipsort.parametrizations")
         bjorck_orthonormal = P.bjorck_orthonormal
     except (ImportError, AttributeError) as err:
-        notes.append(f"cache: skipped, lipsort.parametrizations.bjorck_orthonormal is not available ({err})")
+        notes.append(
+            f"cache: skipped, lipsort.parametrizations.bjorck_orthonormal is not available ({err})"
+        )
         return []
     sizes = [24, 32, 32, 4] if cfg.tiny else [784, 1024, 1024, 10]
     batch = 8 if cfg.tiny else 256
     torch.manual_seed(0)
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
         if i:
             layers.append(MaxMin())
         layers.append(bjorck_orthonormal(nn.Linear(a, b), n_iters=cfg.iters))
@@ -316,44 +391,73 @@ def _bench_cache(cfg: _Config, deel, notes: list[str]) -> list[Row]:
             return model(x)
 
     reference = forward(recompute)
-    impls = [("lipsort", lambda: forward(cached), lambda out: out, "eval mode, weights cached"),
-             ("recompute", lambda: forward(recompute), lambda out: out, "Björck at every forward")]
+    impls = [
+        ("lipsort", lambda: forward(cached), None, "eval mode, weights cached"),
+        ("recompute", lambda: forward(recompute), None, "Björck at every forward"),
+    ]
     case = f"MLP {'-'.join(map(str, sizes))} batch {batch}, {cfg.iters} it"
-    return _measure_case("cache", case, impls, cfg, "max|Δ logits|",
-                         lambda name, out: float((out - reference).abs().max()))
+    return _measure_case(
+        "cache",
+        case,
+        impls,
+        cfg,
+        "max|Δ logits|",
+        lambda name, out: float((out - reference).abs().max()),
+    )
 
 
 _RUNNERS = {"bjorck": _bench_bjorck, "groupsort": _bench_groupsort, "cache": _bench_cache}
 
 
-def run(names=BENCHMARKS, device="cpu", repeat: int = 3, iters: int | None = None, threads: int | None = None,
-        min_time: float = 0.2, tiny: bool = False, progress: bool = True) -> dict:
+def _checked(names, device, repeat, iters, threads, tiny):
+    """Validated ``(device, iters, threads)``; a ValueError names the bad argument."""
+    unknown = [n for n in names if n not in _RUNNERS]
+    if unknown:
+        raise ValueError(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda was requested but torch sees no GPU")
+    if iters is None:
+        iters = 5 if tiny else 20
+    if repeat < 1 or iters < 1:
+        raise ValueError(f"repeat and iters must be at least 1, got repeat={repeat}, iters={iters}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
+    return device, iters, threads or torch.get_num_threads()
+
+
+def run(
+    names=BENCHMARKS,
+    device="cpu",
+    repeat: int = 2,
+    iters: int | None = None,
+    threads: int | None = None,
+    min_time: float = 0.2,
+    tiny: bool = False,
+    progress: bool = True,
+) -> dict:
     """Run the named benchmarks and return ``{"meta": {...}, "notes": [...], "rows": [...]}``.
 
     ``iters`` (Björck iterations) defaults to 20, or 5 with ``tiny`` (tiny sizes: a smoke test
     of the machinery, not a benchmark).
 
     Example:
-        >>> res = run(["groupsort"], repeat=1, min_time=0.001, tiny=True, progress=False)
-        >>> sorted({r["impl"] for r in res["rows"]}) >= ["lipsort", "naive"]
+        >>> res = run(["groupsort"], repeat=1, threads=1, min_time=0.001, tiny=True, progress=False)
+        >>> {"lipsort", "naive"} <= {r["impl"] for r in res["rows"]}
         True
+        >>> [r["ratio"] for r in res["rows"] if r["impl"] == "lipsort"]
+        [1.0, 1.0, 1.0]
     """
-    unknown = [n for n in names if n not in _RUNNERS]
-    if unknown:
-        raise ValueError(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was requested but torch sees no GPU")
-    if iters is None:
-        iters = 5 if tiny else 20
-    if repeat < 1 or iters < 1:
-        raise ValueError(f"repeat and iters must be at least 1, got repeat={repeat}, iters={iters}")
-    threads = threads or torch.get_num_threads()
+    device, iters, threads = _checked(names, device, repeat, iters, threads, tiny)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     cfg = _Config(device, repeat, min_time, threads, iters, tiny, progress)
     deel = _deel()
-    notes = [] if deel else ["deel-torchlip is not installed: its rows are skipped (pip install deel-torchlip==1.0.5)"]
+    notes: list[str] = []
+    if deel is None:
+        notes.append(
+            "deel-torchlip is not installed: its rows are skipped (pip install deel-torchlip)"
+        )
     rows: list[Row] = []
     try:
         for name in names:
@@ -381,22 +485,50 @@ def _fmt(v, spec: str) -> str:
 
 def format_table(result: dict) -> str:
     """The rows of :func:`run` as a fixed-width text table, with the notes below it."""
-    header = ["bench", "case", "impl", "median ms", "× lipsort", "check", "value", "saved MiB", "peak MiB"]
+    header = [
+        "bench",
+        "case",
+        "impl",
+        "median ms",
+        "× lipsort",
+        "check",
+        "value",
+        "saved MiB",
+        "peak MiB",
+    ]
     lines = []
     for r in result["rows"]:
-        lines.append([r["bench"], r["case"], r["impl"], _fmt(r["time_ms"], ".3f"), _fmt(r["ratio"], ".2f"),
-                      r["metric"], _fmt(r["value"], ".1e"), _fmt(r["saved_mib"], ".1f"), _fmt(r["peak_mib"], ".1f")])
-    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
+        lines.append(
+            [
+                r["bench"],
+                r["case"],
+                r["impl"],
+                _fmt(r["time_ms"], ".3f"),
+                _fmt(r["ratio"], ".2f"),
+                r["metric"],
+                _fmt(r["value"], ".1e"),
+                _fmt(r["saved_mib"], ".1f"),
+                _fmt(r["peak_mib"], ".1f"),
+            ]
+        )
+    widths = [
+        max(len(h), *(len(line[i]) for line in lines)) if lines else len(h)
+        for i, h in enumerate(header)
+    ]
     right = {3, 4, 6, 7, 8}
 
     def render(cells):
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        return "  ".join(
+            c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
+        )
 
     meta = result["meta"]
-    out = [f"torch {meta['torch']} on {meta['device_name']}, {meta['threads']} thread(s), "
-           f"deel-torchlip {meta['deel_torchlip'] or 'not installed'}; "
-           "'× lipsort' = median time / lipsort's median time in the same case (> 1: lipsort faster)",
-           render(header), render(["-" * w for w in widths])]
+    title = (
+        f"torch {meta['torch']} on {meta['device_name']}, {meta['threads']} thread(s), "
+        f"deel-torchlip {meta['deel_torchlip'] or 'not installed'}; "
+        "'× lipsort' = median time / lipsort's median time in the same case (> 1: lipsort faster)"
+    )
+    out = [title, render(header), render(["-" * w for w in widths])]
     previous = None
     for line in lines:
         key = (line[0], line[1])
@@ -424,14 +556,39 @@ def _json_safe(obj):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lipsort.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("names", nargs="*", metavar="name", help=f"benchmarks to run, among {', '.join(BENCHMARKS)} (default: all)")
+    parser = argparse.ArgumentParser(
+        prog="python -m lipsort.bench", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "names",
+        nargs="*",
+        metavar="name",
+        help=f"benchmarks to run, among {', '.join(BENCHMARKS)} (default: all)",
+    )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--repeat", type=int, default=3, help="timed calls per measurement of a slow case (default 3)")
-    parser.add_argument("--iters", type=int, default=None, help="Björck iterations (default 20, 5 with --tiny)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's current setting)")
-    parser.add_argument("--min-time", type=float, default=0.2, help="seconds spent timing each fast case (default 0.2)")
-    parser.add_argument("--tiny", action="store_true", help="tiny sizes and 5 Björck iterations (a smoke test, not a benchmark)")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=2,
+        help="interleaved timing rounds per case (default 2); a slow function runs twice per round",
+    )
+    parser.add_argument(
+        "--iters", type=int, default=None, help="Björck iterations (default 20, 5 with --tiny)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's current setting)"
+    )
+    parser.add_argument(
+        "--min-time",
+        type=float,
+        default=0.2,
+        help="seconds spent timing a fast function per round (default 0.2)",
+    )
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="tiny sizes and 5 Björck iterations (a smoke test, not a benchmark)",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     args = parser.parse_args(argv)
     names = args.names or list(BENCHMARKS)
@@ -439,9 +596,12 @@ def main(argv=None) -> int:
     if bad:
         parser.error(f"unknown benchmark(s) {', '.join(bad)}; choose from {', '.join(BENCHMARKS)}")
     try:
-        result = run(names, args.device, args.repeat, args.iters, args.threads, args.min_time, args.tiny)
-    except (ValueError, RuntimeError) as err:
+        _checked(names, args.device, args.repeat, args.iters, args.threads, args.tiny)
+    except ValueError as err:
         parser.error(str(err))
+    result = run(
+        names, args.device, args.repeat, args.iters, args.threads, args.min_time, args.tiny
+    )
     print(format_table(result))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:

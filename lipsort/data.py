@@ -11,12 +11,14 @@ there, and the original folder is never written. A directory whose mode grants n
 permission counts as read-only even for a user (root) who could write there anyway.
 
 Decoded images and labels are saved once as a ``.pt`` file next to the unpacked data
-(``<root>/MNIST/lipsort/train.pt``), so reloading takes a fraction of a second and does not
-even import torchvision. The cache is rebuilt when the raw files it came from change.
+(``<root>/MNIST/lipsort/train.pt``, uint8), so a reload neither decodes nor imports
+torchvision. The cache is rebuilt when the raw files it came from change, and a lock keeps
+concurrent processes from unpacking or decoding the same files at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -29,16 +31,16 @@ from pathlib import Path
 import torch
 
 __all__ = [
-    "ENV_VAR",
     "CACHE_ENV_VAR",
+    "ENV_VAR",
     "DatasetNotFoundError",
-    "data_root",
-    "cache_root",
-    "mnist",
-    "fashion_mnist",
-    "subset_per_class",
-    "loader",
     "TensorLoader",
+    "cache_root",
+    "data_root",
+    "fashion_mnist",
+    "loader",
+    "mnist",
+    "subset_per_class",
 ]
 
 #: Environment variable naming the datasets root.
@@ -153,7 +155,9 @@ def _fingerprint(files: list[Path]) -> list[list] | None:
     return out
 
 
-def _not_found(spec: _Spec, train: bool, src: Path, work: Path, detail: str) -> DatasetNotFoundError:
+def _not_found(
+    spec: _Spec, train: bool, src: Path, work: Path, detail: str
+) -> DatasetNotFoundError:
     env = os.environ.get(ENV_VAR)
     split = "train" if train else "test"
     where = f"{src / spec.folder / 'raw'}"
@@ -167,22 +171,26 @@ def _not_found(spec: _Spec, train: bool, src: Path, work: Path, detail: str) -> 
     )
 
 
+def _missing_archives(spec: _Spec, raw: Path) -> list[str]:
+    """Archives still needed in ``raw``: none once every file is unpacked."""
+    if all((raw / n).is_file() for n in spec.all_raw_names()):
+        return []
+    return [f"{n}.gz" for n in spec.all_raw_names() if not (raw / f"{n}.gz").is_file()]
+
+
 def _decode(spec: _Spec, train: bool, src: Path, work: Path, download: bool):
     """The torchvision dataset read from ``work``, after verifying, downloading and unpacking
     whatever is missing there."""
     from ._torchvision import import_torchvision
 
     raw = work / spec.folder / "raw"
-    if work != src:
-        _mirror(src / spec.folder / "raw", raw)
-    unpacked = all((raw / n).is_file() for n in spec.all_raw_names())
-    missing = [] if unpacked else [f"{n}.gz" for n in spec.all_raw_names() if not (raw / f"{n}.gz").is_file()]
-    if missing and not download:  # fail fast, before the slow torchvision import
+    missing = _missing_archives(spec, raw)
+    if missing and not download:
         detail = f"Files missing: {', '.join(missing)}; downloading is disabled (download=False)."
         raise _not_found(spec, train, src, work, detail)
     datasets = import_torchvision().datasets
     cls = getattr(datasets, spec.folder)
-    if unpacked:
+    if all((raw / n).is_file() for n in spec.all_raw_names()):
         return cls(str(work), train=train, download=False)
     md5 = dict(cls.resources)
     corrupted = [
@@ -192,7 +200,8 @@ def _decode(spec: _Spec, train: bool, src: Path, work: Path, download: bool):
         and not datasets.utils.check_integrity(str(raw / f"{n}.gz"), md5[f"{n}.gz"])
     ]
     if corrupted and not download:
-        detail = f"Files with a wrong md5 sum: {', '.join(corrupted)}; downloading is disabled (download=False)."
+        bad = ", ".join(corrupted)
+        detail = f"Files with a wrong md5 sum: {bad}; downloading is disabled (download=False)."
         raise _not_found(spec, train, src, work, detail)
     try:
         # With every archive present and verified, this only unpacks (no network).
@@ -201,6 +210,24 @@ def _decode(spec: _Spec, train: bool, src: Path, work: Path, download: bool):
         if missing or corrupted:
             raise _not_found(spec, train, src, work, f"Downloading failed: {err}") from err
         raise
+
+
+@contextlib.contextmanager
+def _locked(folder: Path):
+    """Hold an exclusive lock on ``folder`` so that concurrent processes (two notebooks, a
+    notebook and the tests) never unpack or decode the same files at the same time."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: no locking
+        yield
+        return
+    with open(folder / ".lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _save_atomic(payload: dict, path: Path) -> None:
@@ -215,6 +242,24 @@ def _save_atomic(payload: dict, path: Path) -> None:
             os.unlink(tmp)
 
 
+def _read_cache(cache: Path, files: list[Path]) -> dict | None:
+    """The cached tensors, if the cache exists and was built from ``files`` as they are now."""
+    fingerprint = _fingerprint(files)
+    if fingerprint is None or not cache.is_file():
+        return None
+    try:
+        payload = torch.load(cache, weights_only=True)
+    except Exception:  # noqa: BLE001 -- any damage (truncated, not a torch file...) means rebuild
+        return None
+    if (
+        isinstance(payload, dict)
+        and payload.get("version") == _CACHE_VERSION
+        and payload.get("fingerprint") == fingerprint
+    ):
+        return payload
+    return None
+
+
 def _load(spec: _Spec, train: bool, root, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
     src = data_root(root)
     work = _working_root(src, spec.folder)
@@ -222,31 +267,34 @@ def _load(spec: _Spec, train: bool, root, download: bool) -> tuple[torch.Tensor,
     cache = work / spec.folder / "lipsort" / f"{'train' if train else 'test'}.pt"
     files = [raw / n for n in spec.raw_names(train)]
 
-    payload = None
-    fingerprint = _fingerprint(files)
-    if fingerprint is not None and cache.is_file():
-        try:
-            payload = torch.load(cache, weights_only=True)
-        except Exception:  # a damaged cache is rebuilt, never trusted
-            payload = None
-        if not (
-            isinstance(payload, dict)
-            and payload.get("version") == _CACHE_VERSION
-            and payload.get("fingerprint") == fingerprint
-        ):
-            payload = None
+    payload = _read_cache(cache, files)
     if payload is None:
-        ds = _decode(spec, train, src, work, download)
-        payload = {
-            "version": _CACHE_VERSION,
-            "fingerprint": _fingerprint(files),
-            "images": ds.data.contiguous(),
-            "labels": ds.targets.to(torch.int64).contiguous(),
-        }
-        _save_atomic(payload, cache)
+        if work != src:
+            _mirror(src / spec.folder / "raw", raw)
+        missing = _missing_archives(spec, raw)
+        if missing and not download:  # fail fast: no lock file, no torchvision import
+            detail = (
+                f"Files missing: {', '.join(missing)}; downloading is disabled (download=False)."
+            )
+            raise _not_found(spec, train, src, work, detail)
+        with _locked(work / spec.folder):
+            payload = _read_cache(cache, files)  # another process may have built it meanwhile
+            if payload is None:
+                ds = _decode(spec, train, src, work, download)
+                payload = {
+                    "version": _CACHE_VERSION,
+                    "fingerprint": _fingerprint(files),
+                    "images": ds.data.contiguous(),
+                    "labels": ds.targets.to(torch.int64).contiguous(),
+                }
+                _save_atomic(payload, cache)
     images, labels = payload["images"], payload["labels"]
     expected = spec.n_train if train else spec.n_test
-    if images.shape != (expected, 28, 28) or labels.shape != (expected,) or images.dtype != torch.uint8:
+    if (
+        images.shape != (expected, 28, 28)
+        or labels.shape != (expected,)
+        or images.dtype != torch.uint8
+    ):
         raise RuntimeError(
             f"{spec.name} files under {raw} decode to images {tuple(images.shape)} "
             f"({images.dtype}) and labels {tuple(labels.shape)}; expected ({expected}, 28, 28) "
@@ -256,7 +304,9 @@ def _load(spec: _Spec, train: bool, root, download: bool) -> tuple[torch.Tensor,
     return images.unsqueeze(1).to(torch.float32).div_(255.0), labels
 
 
-def mnist(train: bool = True, root=None, download: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def mnist(
+    train: bool = True, root=None, download: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """MNIST as tensors: images ``(N, 1, 28, 28)`` float32 in [0, 1], labels ``(N,)`` int64.
 
     ``N`` is 60000 for ``train=True`` and 10000 for the test split. ``root`` defaults to
@@ -275,7 +325,9 @@ def mnist(train: bool = True, root=None, download: bool = True) -> tuple[torch.T
     return _load(_MNIST, train, root, download)
 
 
-def fashion_mnist(train: bool = True, root=None, download: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def fashion_mnist(
+    train: bool = True, root=None, download: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Fashion-MNIST as tensors, with the same shapes, types and root rules as :func:`mnist`.
 
     Example:
@@ -308,7 +360,10 @@ def subset_per_class(
     if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
         raise TypeError("x and y must be tensors")
     if y.dim() != 1 or y.is_floating_point() or y.is_complex():
-        raise ValueError(f"y must be a 1-D integer tensor of labels, got shape {tuple(y.shape)} and dtype {y.dtype}")
+        raise ValueError(
+            "y must be a 1-D integer tensor of labels, "
+            f"got shape {tuple(y.shape)} and dtype {y.dtype}"
+        )
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x has {x.shape[0]} examples but y has {y.shape[0]} labels")
     if isinstance(n_per_class, bool) or not isinstance(n_per_class, int) or n_per_class < 1:
@@ -319,7 +374,9 @@ def subset_per_class(
     for c in torch.unique(labels).tolist():  # sorted, so the draw order is fixed
         idx = (labels == c).nonzero().flatten()
         if idx.numel() < n_per_class:
-            raise ValueError(f"class {c} has only {idx.numel()} examples, fewer than n_per_class={n_per_class}")
+            raise ValueError(
+                f"class {c} has only {idx.numel()} examples, fewer than n_per_class={n_per_class}"
+            )
         chosen.append(idx[torch.randperm(idx.numel(), generator=gen)[:n_per_class]])
     keep = torch.cat(chosen).sort().values
     return x[keep.to(x.device)], y[keep.to(y.device)]
@@ -337,13 +394,17 @@ class TensorLoader:
         (3, [(2,), (2,), (1,)])
     """
 
-    def __init__(self, tensors, batch_size: int, shuffle: bool = True, seed: int = 0, drop_last: bool = False):
+    def __init__(
+        self, tensors, batch_size: int, shuffle: bool = True, seed: int = 0, drop_last: bool = False
+    ):
         tensors = tuple(tensors) if isinstance(tensors, (tuple, list)) else (tensors,)
         if not tensors or not all(isinstance(t, torch.Tensor) for t in tensors):
             raise TypeError("tensors must be a tensor or a non-empty tuple of tensors")
         n = tensors[0].shape[0]
         if any(t.shape[0] != n for t in tensors):
-            raise ValueError(f"all tensors need the same first dimension, got {[t.shape[0] for t in tensors]}")
+            raise ValueError(
+                f"all tensors need the same first dimension, got {[t.shape[0] for t in tensors]}"
+            )
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.tensors, self.n, self.batch_size = tensors, n, batch_size
@@ -354,13 +415,17 @@ class TensorLoader:
         return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
 
     def __iter__(self):
-        order = torch.randperm(self.n, generator=self._gen) if self.shuffle else torch.arange(self.n)
+        order = (
+            torch.randperm(self.n, generator=self._gen) if self.shuffle else torch.arange(self.n)
+        )
         for b in range(len(self)):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
             yield tuple(t[idx.to(t.device)] for t in self.tensors)
 
 
-def loader(tensors, batch_size: int, shuffle: bool = True, seed: int = 0, drop_last: bool = False) -> TensorLoader:
+def loader(
+    tensors, batch_size: int, shuffle: bool = True, seed: int = 0, drop_last: bool = False
+) -> TensorLoader:
     """Shorthand for :class:`TensorLoader`: ``loader(mnist(), 128)`` yields ``(x, y)`` batches.
 
     Example:

@@ -25,7 +25,7 @@ the support of ``Q`` and exactly ``r`` on the support of ``P`` (a point ``x`` of
 critic is a union of cones with apexes at the centers, whence the experiments' names; its
 gradient has norm 1 everywhere except at the apexes (and the ridges between cones).
 
-Problems (the ids of ``/work/shared/PAPERS.md``):
+Problems (the experiment ids A1–A3 are those of the book and its ledger):
 
 * :func:`absolute_value` (A1): :math:`P = \tfrac12\delta_{-1} + \tfrac12\delta_{+1}`,
   :math:`Q = \delta_0` in 1-D; :math:`W_1 = 1`, :math:`f^\star(x) = |x|`.

@@ -194,9 +194,9 @@ def bjorck(w: torch.Tensor, n_iters: int = 20, order: int = 1, prescale: bool = 
     for _ in range(n_iters):
         g, left = _gram(w)
         q = eye - g
-        # Horner: c0 I + Q (c1 I + Q (c2 I + ...)).
-        poly = coeffs[-1] * eye
-        for c in reversed(coeffs[:-1]):
+        # Horner from the top: c_{p-1} I + c_p Q, then c_k I + Q·(...): p - 1 products.
+        poly = coeffs[-2] * eye + coeffs[-1] * q
+        for c in reversed(coeffs[:-2]):
             poly = c * eye + q @ poly
         w = poly @ w if left else w @ poly
     return w

@@ -209,6 +209,29 @@ def _make_optimizer(optimizer, params, lr: float, betas):
     raise ValueError(f"optimizer must be 'aggmo', 'adam' or a callable params -> Optimizer, got {optimizer!r}")
 
 
+def _step_schedule(opt, milestones, gamma):
+    """``LambdaLR`` multiplying the learning rate by ``gamma[i]`` from step ``milestones[i]`` on."""
+    milestones = [_check_positive_int(m, "each milestone") for m in milestones]
+    if milestones != sorted(set(milestones)):
+        raise ValueError(f"milestones must be strictly increasing steps, got {milestones}")
+    gammas = [gamma] * len(milestones) if isinstance(gamma, numbers.Real) else list(gamma)
+    if len(gammas) != len(milestones) or not all(isinstance(g, numbers.Real) and g > 0 for g in gammas):
+        raise ValueError(
+            f"gamma must be a positive number or one positive factor per milestone ({len(milestones)}), got {gamma!r}"
+        )
+    if not milestones:
+        return None
+
+    def factor(step: int) -> float:
+        out = 1.0
+        for m, g in zip(milestones, gammas):
+            if step >= m:
+                out *= g
+        return out
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
 def train_critic(
     critic: nn.Module,
     problem,
@@ -218,7 +241,7 @@ def train_critic(
     lr: float = 0.01,
     betas: tuple[float, ...] | None = None,
     milestones: tuple[int, ...] = (),
-    gamma: float = 0.9,
+    gamma: float | tuple[float, ...] = 0.9,
     max_grad_norm: float | None = 10.0,
     evaluate: Callable[[nn.Module], float] | None = None,
     eval_every: int | None = None,
@@ -234,7 +257,7 @@ def train_critic(
     constraint is the critic's own (weight parametrizations), so no penalty is needed.
     Defaults follow the authors' configuration for the Wasserstein experiments: AggMo with
     :math:`\beta = (0, 0.9, 0.99)`, learning rate 0.01, batch 32, gradients clipped to norm
-    10, learning rate multiplied by ``gamma = 0.9`` at each step of ``milestones``.
+    10, learning rate multiplied by 0.9 at steps 512 and 1024 (pass them as ``milestones``).
 
     Args:
         critic: the network; trained in place (left in training mode).
@@ -245,7 +268,9 @@ def train_critic(
         optimizer: ``"aggmo"`` (:class:`lipsort.optim.AggMo`), ``"adam"`` or a callable
             ``params -> torch.optim.Optimizer``.
         lr, betas: learning rate and momentum factors of the named optimizers.
-        milestones, gamma: step-decay schedule (``torch.optim.lr_scheduler.MultiStepLR``).
+        milestones, gamma: step decay: from step ``milestones[i]`` on, the learning rate is
+            multiplied by ``gamma`` (a number, or one factor per milestone). The authors' setting
+            is ``milestones=(512, 1024), gamma=0.9``.
         max_grad_norm: gradient clipping threshold, or ``None``.
         evaluate: ``critic -> float``, the estimate recorded in ``history.eval`` (for example
             ``lambda f: exact_dual_estimate(f, problem)``); default: :func:`dual_estimate` on
@@ -306,7 +331,7 @@ def train_critic(
         history.eval.append(value)
 
     opt = _make_optimizer(optimizer, params, float(lr), betas)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=sorted(milestones), gamma=gamma) if milestones else None
+    sched = _step_schedule(opt, milestones, gamma)
     history = CriticHistory()
     critic.train()
     bar = tqdm(range(1, steps + 1), desc=desc or "critic", disable=not progress, mininterval=1.0)
@@ -354,8 +379,8 @@ def gradient_norms(critic: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
     with torch.enable_grad():
         xr = x.detach().clone().requires_grad_(True)
         out = _critic_values(critic, xr, "x")
-        (g,) = torch.autograd.grad(out.sum(), xr, allow_unused=True)
-    if g is None:  # a constant critic
+        g = torch.autograd.grad(out.sum(), xr, allow_unused=True)[0] if out.requires_grad else None
+    if g is None:  # a critic that does not depend on its input
         return torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
     return torch.linalg.vector_norm(g.reshape(x.shape[0], -1), dim=1).detach()
 

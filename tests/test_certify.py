@@ -26,10 +26,12 @@ from lipsort.losses import MarginLoss
 D = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _threads():
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # Tiny networks: threading only adds synchronization overhead (and spins when the cores
+    # are shared).
     old = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
 
@@ -271,7 +273,7 @@ def test_pgd_stays_in_ball_and_box_and_keeps_model_state():
         for loss in ("margin", "ce"):
             xa = pgd(net, x, y, eps, norm=norm, steps=30, loss=loss, clamp=(0.0, 1.0), generator=g)
             d = (xa - x).norm(dim=1) if norm == "l2" else (xa - x).abs().amax(1)
-            assert bool((d <= eps * (1 + 1e-12)).all())
+            assert bool((d <= eps).all())
             assert xa.min() >= 0.0 and xa.max() <= 1.0
             assert not xa.requires_grad
             with torch.no_grad():
@@ -381,7 +383,7 @@ def test_pgd_never_beats_the_certificate(trained, moons, variant, norm):
             with torch.no_grad():
                 worst = torch.minimum(worst, margins(net(xa), ys))
         d = (xa - xs).norm(dim=1) if norm == "l2" else (xa - xs).abs().amax(1)
-        assert bool((d <= eps * (1 + 1e-12)).all())
+        assert bool((d <= eps).all())
     # The certificate: no prediction of a certified point changes within 0.99·radius ...
     assert bool((worst > 0).all()), f"{int((worst <= 0).sum())} certified points flipped"
     # ... and since the margin can only shrink by c·L·‖δ‖, at least 1% of it survives.

@@ -111,7 +111,7 @@ def test_cache_is_rebuilt_when_the_raw_file_changes(tmp_path, mnist_sets):
     raw.mkdir(parents=True)
     for f in sorted((Path(ROOT) / "MNIST" / "raw").glob("*.gz")):
         shutil.copyfile(f, raw / f.name)
-    x, y = data.mnist(train=False, root=tmp_path)  # writable root: unpacked and cached in place
+    _, y = data.mnist(train=False, root=tmp_path)  # writable root: unpacked and cached in place
     assert (tmp_path / "MNIST" / "lipsort" / "test.pt").is_file()
     labels = raw / "t10k-labels-idx1-ubyte"
     content = bytearray(labels.read_bytes())
@@ -139,8 +139,12 @@ def test_missing_data_raises_a_clear_error(tmp_path, monkeypatch):
 def test_corrupted_archives_are_reported(tmp_path):
     raw = tmp_path / "MNIST" / "raw"
     raw.mkdir(parents=True)
-    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-                 "t10k-labels-idx1-ubyte"):
+    for name in (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ):
         (raw / f"{name}.gz").write_bytes(b"garbage")
     with pytest.raises(data.DatasetNotFoundError, match="md5"):
         data.mnist(root=tmp_path, download=False)
@@ -212,3 +216,53 @@ def test_loader_epochs_are_permutations_and_reproducible():
         data.loader((x, y[:5]), batch_size=2)
     with pytest.raises(ValueError, match="batch_size"):
         data.loader((x, y), batch_size=0)
+
+
+@needs_data
+def test_concurrent_first_loads_agree(tmp_path, mnist_sets):
+    # Two loaders racing on a fresh root: the lock makes one unpack and decode while the
+    # other waits and then reads the finished cache.
+    from concurrent.futures import ThreadPoolExecutor
+
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for f in sorted((Path(ROOT) / "MNIST" / "raw").glob("*.gz")):
+        shutil.copyfile(f, raw / f.name)
+    with ThreadPoolExecutor(2) as pool:
+        results = list(
+            pool.map(lambda _: data.mnist(train=False, root=tmp_path, download=False), range(2))
+        )
+    for x, y in results:
+        assert torch.equal(x, mnist_sets[False][0]) and torch.equal(y, mnist_sets[False][1])
+
+
+def test_torchvision_import_workaround(monkeypatch):
+    from lipsort import _torchvision as tvmod
+
+    tv = tvmod.import_torchvision()
+    assert hasattr(tv.datasets, "MNIST") and hasattr(tv.datasets, "FashionMNIST")
+    # On a build whose compiled ops load, or after the workaround, the schemas exist.
+    assert hasattr(torch.ops.torchvision, "nms") and hasattr(torch.ops.torchvision, "qnms")
+
+    def failing(message):
+        def import_module(name):
+            raise RuntimeError(message)
+
+        return import_module
+
+    # Any other error propagates unchanged.
+    monkeypatch.setattr(tvmod.importlib, "import_module", failing("CUDA driver mismatch"))
+    with pytest.raises(RuntimeError, match="CUDA driver mismatch"):
+        tvmod.import_torchvision()
+    # The operator error with the schemas already defined is not retried in a loop.
+    monkeypatch.setattr(
+        tvmod.importlib, "import_module", failing("operator torchvision::nms does not exist")
+    )
+    with pytest.raises(RuntimeError, match="torchvision::nms does not exist"):
+        tvmod.import_torchvision()
+    # An operator the workaround does not know about is not papered over.
+    monkeypatch.setattr(
+        tvmod.importlib, "import_module", failing("operator torchvision::roi_align does not exist")
+    )
+    with pytest.raises(RuntimeError, match="roi_align"):
+        tvmod.import_torchvision()

@@ -59,7 +59,8 @@ def test_one_lipschitz_critic_is_a_lower_bound_of_exact_w1(activation):
             lip = float(lipschitz_upper_bound(critic))
             assert lip <= 1 + 1e-9
             for sign in (1.0, -1.0):  # both orientations of the critic are 1-Lipschitz
-                est = float(dual_estimate(lambda x: sign * critic(x), x_p, x_q))
+                with torch.no_grad():
+                    est = float(dual_estimate(lambda x: sign * critic(x), x_p, x_q))
                 assert est <= w1 + 1e-9, (name, trial, est, w1)
                 best = max(best, est)
         assert best > 0  # the check is not vacuous: some critic separates the samples
@@ -195,7 +196,3 @@ def test_bad_inputs_raise():
         CriticHistory().final
     with pytest.raises(ValueError, match="non-empty 1-D"):
         gradient_norm_stats(torch.zeros(2, 2))
-    # A learning rate so large that the estimate diverges is reported, not silently recorded.
-    wild = nn.Sequential(nn.Linear(1, 4), nn.ReLU(), nn.Linear(4, 1))
-    with pytest.raises(FloatingPointError, match="lower the learning rate"):
-        train_critic(wild, pb, steps=50, optimizer="adam", lr=1e300, max_grad_norm=None, progress=False)

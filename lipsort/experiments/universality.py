@@ -252,7 +252,8 @@ def train_sdf(
     drawn once; each step takes a random minibatch; Adam with a cosine learning-rate decay to
     zero. Returns the training loss of every step.
     """
-    from tqdm.auto import tqdm
+    # The plain console bar: tqdm.auto needs ipywidgets in a notebook and warns without them.
+    from tqdm import tqdm
 
     gen = torch.Generator().manual_seed(seed)
     x = sample_training_points(scene, n_train, near_boundary, sigma, gen)
@@ -263,7 +264,7 @@ def train_sdf(
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     losses = []
-    for _ in tqdm(range(steps), desc="SDF fit", disable=not progress, mininterval=2.0):
+    for _ in tqdm(range(steps), desc="SDF fit", disable=not progress, mininterval=5.0):
         idx = torch.randint(0, n_train, (batch_size,), generator=gen).to(device)
         loss = nn.functional.mse_loss(net(x[idx]), y[idx])
         opt.zero_grad(set_to_none=True)
