@@ -12,18 +12,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .certify import margins
+from .certify import _margin_values, margins
 
 __all__ = ["pgd"]
 
 
 def _per_sample(value, x: Tensor, name: str) -> Tensor:
     """A float or an (N,) tensor as an (N,) tensor in x's dtype and device."""
-    v = torch.as_tensor(value, dtype=x.dtype, device=x.device)
+    v = torch.as_tensor(value, dtype=x.dtype, device=x.device).detach()
     if v.dim() == 0:
         v = v.expand(x.shape[0])
     if v.shape != (x.shape[0],):
-        raise ValueError(f"{name} must be a float or a tensor of shape ({x.shape[0]},), got shape {tuple(v.shape)}")
+        raise ValueError(
+            f"{name} must be a float or a tensor of shape ({x.shape[0]},), "
+            f"got shape {tuple(v.shape)}"
+        )
     if bool((v < 0).any()) or bool(torch.isnan(v).any()):
         raise ValueError(f"{name} must be non-negative")
     return v
@@ -43,12 +46,13 @@ def _project(delta: Tensor, eps: Tensor, norm: str) -> Tensor:
         e = _bcast(eps, delta)
         return torch.maximum(torch.minimum(delta, e), -e)
     n = _flat_norm(delta, 2)
-    scale = torch.where(n > eps, eps / n.clamp_min(torch.finfo(delta.dtype).tiny), torch.ones_like(n))
+    scale = torch.where(
+        n > eps, eps / n.clamp_min(torch.finfo(delta.dtype).tiny), torch.ones_like(n)
+    )
     out = delta * _bcast(scale, delta)
     # Rounding can leave the scaled norm an ulp above ε: shrink those by a vanishing factor.
-    over = _flat_norm(out, 2) > eps
-    shrink = torch.where(over, 1 - 4 * torch.finfo(delta.dtype).eps, 1.0).to(delta.dtype)
-    return out * _bcast(shrink, delta)
+    over = (_flat_norm(out, 2) > eps).to(delta.dtype)
+    return out * _bcast(1 - over * (4 * torch.finfo(delta.dtype).eps), delta)
 
 
 def _snap(x_adv: Tensor, x: Tensor, eps: Tensor, norm: str) -> Tensor:
@@ -82,8 +86,8 @@ def _random_start(x: Tensor, eps: Tensor, norm: str, generator) -> Tensor:
 
 
 def _objective(logits: Tensor, y: Tensor, loss: str) -> tuple[Tensor, Tensor]:
-    """(per-sample loss to ascend, per-sample margin to track)."""
-    m = margins(logits, y)
+    """(per-sample loss to ascend, per-sample margin to track); ``y`` already validated."""
+    m = _margin_values(logits, y)
     if loss == "margin":
         return -m, m
     if logits.dim() == 1 or logits.shape[1] == 1:
@@ -116,14 +120,15 @@ def pgd(
     cross-entropy. Over all iterates (the clean input included) the one with the *smallest
     margin* is returned per sample, so a success found early is never lost.
 
-    The model is used as given: put it in eval mode first. Its parameters, buffers and
-    ``.grad`` are not modified (gradients are taken with respect to the input only).
+    The model is used as given: put it in eval mode first (a train-mode BatchNorm would update
+    its statistics). Parameters and their ``.grad`` are never modified: gradients are taken
+    with respect to the input only.
 
     Args:
         model: maps a batch ``x`` to ``(N, C)`` logits or ``(N,)``/``(N, 1)`` binary scores.
         x: clean inputs, batch first.
         y: labels: class indices, or binary labels in {0, 1} / {−1, +1}.
-        eps: radius, a float or one per sample (shape ``(N,)``).
+        eps: radius, a float or one per sample (shape ``(N,)``), taken in ``x``'s dtype.
         norm: ``"l2"`` or ``"linf"``.
         steps: number of gradient steps.
         step_size: α, a float or per sample; default ``2.5·ε/steps`` (Madry et al.).
@@ -141,9 +146,10 @@ def pgd(
         >>> model = nn.Linear(2, 2, bias=False)
         >>> with torch.no_grad():
         ...     _ = model.weight.copy_(torch.tensor([[1., 0.], [-1., 0.]]))
-        >>> x, y = torch.tensor([[0.5, 0.0]]), torch.tensor([0])  # margin 1, L = √2: radius 1/(√2·√2) = 0.5, exact here
+        >>> # margin 1 and L = √2: certified radius 1/(√2·√2) = 0.5, exact here
+        >>> x, y = torch.tensor([[0.5, 0.0]]), torch.tensor([0])
         >>> x_adv = pgd(model, x, y, eps=0.6, steps=20)
-        >>> model(x_adv).argmax(1).item(), round(float((x_adv - x).norm()), 4) <= 0.6
+        >>> model(x_adv).argmax(1).item(), bool((x_adv - x).norm() <= 0.6)
         (1, True)
     """
     if norm not in ("l2", "linf"):
@@ -155,8 +161,12 @@ def pgd(
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
     x = x.detach()
+    if x.shape[0] == 0:
+        return x.clone()
     eps_t = _per_sample(eps, x, "eps")
-    alpha = _per_sample(2.5 * eps_t / max(steps, 1) if step_size is None else step_size, x, "step_size")
+    alpha = _per_sample(
+        2.5 * eps_t / max(steps, 1) if step_size is None else step_size, x, "step_size"
+    )
     if clamp is not None:
         lo, hi = clamp
         if not lo < hi:
@@ -176,7 +186,7 @@ def pgd(
 
     best_x = x.clone()
     with torch.no_grad():
-        best_m = margins(model(x), y)
+        best_m = margins(model(x), y)  # validates the labels once
 
     iterator = range(steps + 1)
     if progress:
@@ -185,7 +195,10 @@ def pgd(
         iterator = tqdm(iterator, desc=f"PGD {norm}", leave=False)
     with torch.enable_grad():
         for t in iterator:
-            x_adv = _snap((x + delta).detach(), x, eps_t, norm).requires_grad_(True)
+            x_adv = x + delta
+            if clamp is not None:
+                x_adv = x_adv.clamp(lo, hi)  # x + δ is rounded: keep it in the box
+            x_adv = _snap(x_adv.detach(), x, eps_t, norm).requires_grad_(True)
             objective, m = _objective(model(x_adv), y, loss)
             with torch.no_grad():
                 better = m < best_m
@@ -201,4 +214,3 @@ def pgd(
                     direction = g / _bcast(_flat_norm(g, 2).clamp_min(torch.finfo(g.dtype).tiny), g)
                 delta = feasible(delta + _bcast(alpha, x) * direction)
     return best_x.detach()
-

@@ -30,12 +30,12 @@ from . import functional as F
 from .activations import FullSort, GroupSort, MaxMin
 
 __all__ = [
-    "margins",
-    "certified_radius",
     "certified_accuracy",
-    "lipschitz_upper_bound",
-    "register_lipschitz_bound",
+    "certified_radius",
     "empirical_lipschitz",
+    "lipschitz_upper_bound",
+    "margins",
+    "register_lipschitz_bound",
 ]
 
 _NORMS = ("l2", "linf")
@@ -54,11 +54,15 @@ def _pair_factor(norm: str) -> float:
 
 def _binary_signs(labels: Tensor, n: int) -> Tensor:
     if labels.shape not in ((n,), (n, 1)):
-        raise ValueError(f"labels must have shape ({n},) for {n} binary scores, got {tuple(labels.shape)}")
+        raise ValueError(
+            f"labels must have shape ({n},) for {n} binary scores, got {tuple(labels.shape)}"
+        )
     t = labels.reshape(n)
     values = set(torch.unique(t).tolist())
     if not (values <= {0, 1} or values <= {-1, 1}):
-        raise ValueError(f"binary labels must all lie in {{0, 1}} or all in {{-1, +1}}, got {sorted(values)}")
+        raise ValueError(
+            f"binary labels must all lie in {{0, 1}} or all in {{-1, +1}}, got {sorted(values)}"
+        )
     return t > 0
 
 
@@ -81,14 +85,30 @@ def margins(logits: Tensor, labels: Tensor) -> Tensor:
         f = logits.reshape(n)
         return torch.where(pos, f, -f)
     if logits.dim() != 2:
-        raise ValueError(f"logits must have shape (N,), (N, 1) or (N, C), got {tuple(logits.shape)}")
+        raise ValueError(
+            f"logits must have shape (N,), (N, 1) or (N, C), got {tuple(logits.shape)}"
+        )
     n, c = logits.shape
     if labels.shape != (n,):
-        raise ValueError(f"labels must have shape ({n},) for logits of shape {tuple(logits.shape)}, got {tuple(labels.shape)}")
+        raise ValueError(
+            f"labels must have shape ({n},) for logits of shape {tuple(logits.shape)}, "
+            f"got {tuple(labels.shape)}"
+        )
     if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
         raise TypeError(f"labels must be integer class indices, got dtype {labels.dtype}")
     if n and (int(labels.min()) < 0 or int(labels.max()) >= c):
-        raise ValueError(f"class indices must lie in [0, {c}), got values in [{int(labels.min())}, {int(labels.max())}]")
+        raise ValueError(
+            f"class indices must lie in [0, {c}), "
+            f"got values in [{int(labels.min())}, {int(labels.max())}]"
+        )
+    return _margin_values(logits, labels)
+
+
+def _margin_values(logits: Tensor, labels: Tensor) -> Tensor:
+    """:func:`margins` without the checks, for labels already validated (attack loops)."""
+    if logits.dim() == 1 or logits.shape[1] == 1:
+        f = logits.reshape(-1)
+        return torch.where(labels.reshape(-1) > 0, f, -f)
     true = logits.gather(1, labels[:, None]).squeeze(1)
     others = logits.scatter(1, labels[:, None], float("-inf"))
     return true - others.amax(1)
@@ -100,7 +120,9 @@ def _check_lipschitz(lipschitz) -> None:
         raise ValueError(f"lipschitz must be a positive finite number, got {value!r}")
 
 
-def certified_radius(logits: Tensor, labels: Tensor, lipschitz: float | Tensor = 1.0, norm: str = "l2") -> Tensor:
+def certified_radius(
+    logits: Tensor, labels: Tensor, lipschitz: float | Tensor = 1.0, norm: str = "l2"
+) -> Tensor:
     r"""Radius within which no perturbation can change the prediction.
 
     With margin :math:`M = f_y(x) - \max_{j\ne y} f_j(x)` and ``L`` as in the module notes:
@@ -170,7 +192,9 @@ def certified_accuracy(
     scalar = isinstance(eps, (int, float)) or (isinstance(eps, torch.Tensor) and eps.dim() == 0)
     e = torch.as_tensor(eps, dtype=radius.dtype, device=radius.device)
     if e.dim() > 1:
-        raise ValueError(f"eps must be a float or a 1-D sequence of radii, got shape {tuple(e.shape)}")
+        raise ValueError(
+            f"eps must be a float or a 1-D sequence of radii, got shape {tuple(e.shape)}"
+        )
     if bool((e < 0).any()) or bool(torch.isnan(e).any()):
         raise ValueError("eps must be non-negative")
     acc = (radius[None, :] > e.reshape(-1, 1)).to(radius.dtype).mean(1)
@@ -216,8 +240,10 @@ def _module_class(module: nn.Module) -> type:
 
 
 def _linear_bound(module: nn.Linear, norm: str) -> Tensor:
-    # The effective weight (through any parametrization), in float64 so that rounding of the
-    # norm computation itself cannot make the bound smaller than the true norm of the matrix.
+    # The effective weight (through any parametrization). The norm is computed in float64:
+    # its rounding (~1e-16 relative) is then negligible next to the precision of float32
+    # weights, whose exact norm it measures (e.g. a float32 row sum that rounds to the
+    # ℓ1 radius can exceed it by ~1e-7; the float64 sum sees it).
     w = module.weight.detach().to(torch.float64)
     return F.operator_norm(w, 2 if norm == "l2" else "inf")
 
@@ -283,12 +309,15 @@ def _bound(module: nn.Module, norm: str, path: str) -> Tensor:
     fn = _REGISTRY.get(cls)
     if fn is None:
         raise TypeError(
-            f"cannot bound the Lipschitz constant of layer {path} of type {cls.__module__}.{cls.__qualname__}; "
+            f"cannot bound the Lipschitz constant of layer {path} of type "
+            f"{cls.__module__}.{cls.__qualname__}; "
             f"register one with lipsort.certify.register_lipschitz_bound({cls.__name__}, fn)"
         )
     value = torch.as_tensor(fn(module, norm), dtype=torch.float64).detach()
     if value.dim() != 0 or not bool(value >= 0):
-        raise ValueError(f"the bound registered for {cls.__name__} returned {value!r}, not a non-negative scalar")
+        raise ValueError(
+            f"the bound registered for {cls.__name__} returned {value!r}, not a non-negative scalar"
+        )
     return value.cpu()
 
 
@@ -310,12 +339,16 @@ def _jacobian_rows(model: nn.Module, x: Tensor) -> Tensor:
         out = out.reshape(x.shape[0], -1)
         rows = []
         for k in range(out.shape[1]):
-            (g,) = torch.autograd.grad(out[:, k].sum(), xr, retain_graph=k + 1 < out.shape[1], allow_unused=True)
+            (g,) = torch.autograd.grad(
+                out[:, k].sum(), xr, retain_graph=k + 1 < out.shape[1], allow_unused=True
+            )
             rows.append(torch.zeros_like(xr) if g is None else g)
     return torch.stack(rows, 1).reshape(x.shape[0], out.shape[1], -1).detach()
 
 
-def empirical_lipschitz(model: nn.Module, x: Tensor, norm: str = "l2", chunk_size: int = 256) -> Tensor:
+def empirical_lipschitz(
+    model: nn.Module, x: Tensor, norm: str = "l2", chunk_size: int = 256
+) -> Tensor:
     r"""A *lower* bound of the certificate constant from gradients at the points ``x``.
 
     For ``C ≥ 2`` outputs:
@@ -345,7 +378,12 @@ def empirical_lipschitz(model: nn.Module, x: Tensor, norm: str = "l2", chunk_siz
         1.0
     """
     _check_norm(norm)
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1 or x.shape[0] == 0:
+    if (
+        not isinstance(x, torch.Tensor)
+        or not x.is_floating_point()
+        or x.dim() < 1
+        or x.shape[0] == 0
+    ):
         raise ValueError("x must be a non-empty floating-point batch of inputs")
     q = 2 if norm == "l2" else 1
     best = None

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["MarginLoss", "KRLoss", "HKRLoss", "TauCrossEntropyLoss"]
+__all__ = ["HKRLoss", "KRLoss", "MarginLoss", "TauCrossEntropyLoss"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -52,13 +52,23 @@ def _check_float(x, name: str = "input") -> None:
         raise TypeError(f"{name} must be a floating-point tensor of scores, got dtype {x.dtype}")
 
 
+def _check_scores(scores) -> None:
+    _check_float(scores, "scores")
+    if scores.dim() not in (1, 2) or scores.shape[0] == 0:
+        raise ValueError(
+            f"scores must have shape (N,), (N, 1) or (N, C) with N >= 1, got {tuple(scores.shape)}"
+        )
+
+
 def _check_class_indices(logits: Tensor, target) -> None:
     """Multi-class case: ``logits`` (N, C) with C ≥ 2, ``target`` integer (N,) in [0, C)."""
     _check_float(logits, "logits")
     if logits.dim() != 2 or logits.shape[1] < 2:
         raise ValueError(f"logits must have shape (N, C) with C >= 2, got {tuple(logits.shape)}")
     if not isinstance(target, torch.Tensor):
-        raise TypeError(f"target must be a torch.Tensor of class indices, got {type(target).__name__}")
+        raise TypeError(
+            f"target must be a torch.Tensor of class indices, got {type(target).__name__}"
+        )
     if target.dtype == torch.bool or target.is_floating_point() or target.is_complex():
         raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}")
     if target.shape != logits.shape[:1]:
@@ -94,7 +104,8 @@ def _binary_signs(scores: Tensor, target) -> Tensor:
     values = set(torch.unique(t).tolist())
     if not (values <= {0.0, 1.0} or values <= {-1.0, 1.0}):
         raise ValueError(
-            f"binary labels must all lie in {{0, 1}} or all in {{-1, +1}}, got values {sorted(values)}"
+            "binary labels must all lie in {0, 1} or all in {-1, +1}, "
+            f"got values {sorted(values)}"
         )
     return torch.where(t > 0, 1.0, -1.0).to(scores.dtype)
 
@@ -177,7 +188,9 @@ class MarginLoss(nn.Module):
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         _check_class_indices(logits, target)
-        return F.multi_margin_loss(logits, target, p=self.p, margin=self.margin, reduction=self.reduction)
+        return F.multi_margin_loss(
+            logits, target, p=self.p, margin=self.margin, reduction=self.reduction
+        )
 
     def extra_repr(self) -> str:
         return f"margin={self.margin}, p={self.p}, reduction={self.reduction!r}"
@@ -219,9 +232,7 @@ class KRLoss(nn.Module):
         self.reduction = _check_reduction(reduction)
 
     def forward(self, scores: Tensor, target: Tensor) -> Tensor:
-        _check_float(scores, "scores")
-        if scores.dim() not in (1, 2) or scores.shape[0] == 0:
-            raise ValueError(f"scores must have shape (N,), (N, 1) or (N, C) with N >= 1, got {tuple(scores.shape)}")
+        _check_scores(scores)
         return _reduce(-_kr_terms(scores, target), self.reduction)
 
     def extra_repr(self) -> str:
@@ -229,7 +240,7 @@ class KRLoss(nn.Module):
 
 
 class HKRLoss(nn.Module):
-    r"""Hinge-regularized KR loss :math:`-\mathrm{KR} + \alpha\,\mathrm{hinge}` (Béthune et al., 2022).
+    r"""Hinge-regularized KR loss :math:`-\mathrm{KR} + \alpha\,\mathrm{hinge}` (Béthune et al.).
 
     Binary scores, labels mapped to signs :math:`y \in \{-1, +1\}`:
 
@@ -249,7 +260,8 @@ class HKRLoss(nn.Module):
     ``deel/torchlip/functional.py`` (``hinge_multiclass_loss``: the ``C−1`` weight and the
     mean over classes). Two conventions differ between their versions: recent deel-lip /
     deel-torchlip put ``m/2`` inside the hinge ("centered" margin), and recent deel-torchlip
-    takes :math:`\alpha \in [0, 1]` and returns :math:`\alpha\,\mathrm{hinge} - (1-\alpha)\mathrm{KR}`.
+    takes :math:`\alpha \in [0, 1]` and returns
+    :math:`\alpha\,\mathrm{hinge} - (1-\alpha)\mathrm{KR}`.
     Here, as in the paper and the earlier deel-torchlip ``hkr_loss``, the hinge uses ``m``
     and α is unbounded: ours with ``(α, m)`` equals recent deel-torchlip's with
     ``(α/(1+α), 2m)`` times ``1+α``.
@@ -279,9 +291,7 @@ class HKRLoss(nn.Module):
         self.reduction = _check_reduction(reduction)
 
     def forward(self, scores: Tensor, target: Tensor) -> Tensor:
-        _check_float(scores, "scores")
-        if scores.dim() not in (1, 2) or scores.shape[0] == 0:
-            raise ValueError(f"scores must have shape (N,), (N, 1) or (N, C) with N >= 1, got {tuple(scores.shape)}")
+        _check_scores(scores)
         terms = -_kr_terms(scores, target) + self.alpha * _hinge_terms(scores, target, self.margin)
         return _reduce(terms, self.reduction)
 
@@ -290,7 +300,7 @@ class HKRLoss(nn.Module):
 
 
 class TauCrossEntropyLoss(nn.Module):
-    r"""Cross-entropy with temperature: :math:`\mathrm{CE}(\tau f, y) / \tau` (Béthune et al., 2022).
+    r"""Cross-entropy with temperature :math:`\mathrm{CE}(\tau f, y) / \tau` (Béthune et al.).
 
     A 1-Lipschitz network cannot scale its logits up to sharpen the softmax; ``τ`` does it
     for it. Large ``τ`` approaches the hinge-like regime (small margins, high accuracy); small
@@ -304,7 +314,8 @@ class TauCrossEntropyLoss(nn.Module):
 
     Example:
         >>> logits, y = torch.tensor([[1.0, -1.0]]), torch.tensor([0])
-        >>> bool(torch.isclose(TauCrossEntropyLoss(1.0)(logits, y), torch.nn.functional.cross_entropy(logits, y)))
+        >>> ce = torch.nn.functional.cross_entropy(logits, y)
+        >>> bool(torch.isclose(TauCrossEntropyLoss(1.0)(logits, y), ce))
         True
     """
 
@@ -316,9 +327,7 @@ class TauCrossEntropyLoss(nn.Module):
         self.reduction = _check_reduction(reduction)
 
     def forward(self, scores: Tensor, target: Tensor) -> Tensor:
-        _check_float(scores, "scores")
-        if scores.dim() not in (1, 2) or scores.shape[0] == 0:
-            raise ValueError(f"scores must have shape (N,), (N, 1) or (N, C) with N >= 1, got {tuple(scores.shape)}")
+        _check_scores(scores)
         if _is_binary(scores):
             signs = _binary_signs(scores, target)
             # softplus(-τ y f) = log(1 + exp(-τ y f)) = BCE-with-logits for label (y+1)/2.

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from .activations import FullSort, GroupSort, MaxMin
+from .certify import register_lipschitz_bound
 
 __all__ = ["mlp", "ACTIVATIONS", "CONSTRAINTS"]
 
@@ -17,6 +18,9 @@ class Abs(nn.Module):
 
     def forward(self, x):
         return x.abs()
+
+
+register_lipschitz_bound(Abs, lambda module, norm: 1.0)
 
 
 ACTIVATIONS = ("relu", "abs", "maxmin", "groupsort", "fullsort")

@@ -15,7 +15,9 @@ oscillations that large momentum causes; the paper's default is
 
 :class:`AggMo` is the maintained implementation of ``pytorch-optimizer``
 (``pytorch_optimizer.AggMo``), re-exported here; ``tests/test_optim.py`` checks it against the
-update rule above written out by hand.
+update rule above written out by hand. Give it at least two *distinct* betas: its velocities are
+keyed by the value of β (a repeated β shares one velocity, updated twice per step) and its
+argument check reads ``betas[1]``.
 
 Example:
     >>> w = torch.nn.Parameter(torch.tensor([1.0]))

@@ -334,7 +334,7 @@ def train_critic(
     sched = _step_schedule(opt, milestones, gamma)
     history = CriticHistory()
     critic.train()
-    bar = tqdm(range(1, steps + 1), desc=desc or "critic", disable=not progress, mininterval=1.0)
+    bar = tqdm(range(1, steps + 1), desc=desc or "critic", disable=not progress, mininterval=5.0)
     for step in bar:
         x_p = problem.sample_p(batch_size, generator=gen, dtype=dtype, device=device)
         x_q = problem.sample_q(batch_size, generator=gen, dtype=dtype, device=device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import math
 
 import pytest
@@ -54,11 +55,18 @@ def test_radius_formula_by_hand():
 
 def test_radius_binary_scores():
     f = torch.tensor([2.0, -1.0, 0.5, -3.0], dtype=D)
-    for labels in (torch.tensor([1, 0, 0, 0]), torch.tensor([1, -1, -1, -1]), torch.tensor([[1.0], [0.0], [0.0], [0.0]])):
+    for labels in (
+        torch.tensor([1, 0, 0, 0]),
+        torch.tensor([1, -1, -1, -1]),
+        torch.tensor([[1.0], [0.0], [0.0], [0.0]]),
+    ):
         for norm in ("l2", "linf"):
             r = certified_radius(f, labels, lipschitz=0.5, norm=norm)
             torch.testing.assert_close(r, torch.tensor([4.0, 2.0, -1.0, 6.0], dtype=D))
-    torch.testing.assert_close(certified_radius(f[:, None], torch.tensor([1, 0, 0, 0])), torch.tensor([2.0, 1.0, -0.5, 3.0], dtype=D))
+    torch.testing.assert_close(
+        certified_radius(f[:, None], torch.tensor([1, 0, 0, 0])),
+        torch.tensor([2.0, 1.0, -0.5, 3.0], dtype=D),
+    )
 
 
 def test_misclassified_radius_not_positive():
@@ -105,10 +113,19 @@ def test_certified_accuracy_is_strict():
         (lambda: certified_radius(torch.zeros(3, 4), torch.tensor([0.0, 1.0, 2.0])), TypeError),
         (lambda: certified_radius(torch.zeros(3, 4), torch.tensor([0, 1])), ValueError),
         (lambda: certified_radius(torch.zeros(3), torch.tensor([0, 2, 1])), ValueError),
-        (lambda: certified_radius(torch.zeros(3, 4), torch.tensor([0, 1, 2]), lipschitz=0.0), ValueError),
-        (lambda: certified_radius(torch.zeros(3, 4), torch.tensor([0, 1, 2]), norm="l1"), ValueError),
+        (
+            lambda: certified_radius(torch.zeros(3, 4), torch.tensor([0, 1, 2]), lipschitz=0.0),
+            ValueError,
+        ),
+        (
+            lambda: certified_radius(torch.zeros(3, 4), torch.tensor([0, 1, 2]), norm="l1"),
+            ValueError,
+        ),
         (lambda: certified_accuracy(torch.zeros(3, 4), torch.tensor([0, 1, 2]), -0.1), ValueError),
-        (lambda: certified_radius(torch.zeros(3, 4, dtype=torch.long), torch.tensor([0, 1, 2])), TypeError),
+        (
+            lambda: certified_radius(torch.zeros(3, 4, dtype=torch.long), torch.tensor([0, 1, 2])),
+            TypeError,
+        ),
     ],
 )
 def test_bad_inputs_raise(call, exc):
@@ -122,7 +139,7 @@ def test_bad_inputs_raise(call, exc):
 def _plain_mlp(sizes, act=nn.ReLU, seed=0):
     torch.manual_seed(seed)
     layers = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2:
             layers.append(act())
@@ -144,7 +161,9 @@ def test_upper_bound_exact_for_single_linear():
     assert torch.linalg.matrix_norm(jac, 2).item() == pytest.approx(b2.item(), rel=1e-12)
 
 
-@pytest.mark.parametrize("act", [nn.ReLU, MaxMin, nn.Tanh, lambda: nn.LeakyReLU(0.2), lambda: GroupSort(4), FullSort])
+@pytest.mark.parametrize(
+    "act", [nn.ReLU, MaxMin, nn.Tanh, lambda: nn.LeakyReLU(0.2), lambda: GroupSort(4), FullSort]
+)
 def test_upper_bound_dominates_jacobian_norms(act):
     for seed in range(3):
         net = _plain_mlp([6, 16, 16, 4], act=act, seed=seed)
@@ -152,7 +171,7 @@ def test_upper_bound_dominates_jacobian_norms(act):
         linf = lipschitz_upper_bound(net, "linf").item()
         x = torch.randn(20, 6, dtype=D)
         for xi in x:
-            jac = torch.autograd.functional.jacobian(lambda v: net(v[None])[0], xi)
+            jac = torch.autograd.functional.jacobian(lambda v, net=net: net(v[None])[0], xi)
             assert torch.linalg.matrix_norm(jac, 2).item() <= l2 * (1 + 1e-12)
             assert jac.abs().sum(1).max().item() <= linf * (1 + 1e-12)
 
@@ -162,7 +181,12 @@ def test_upper_bound_layer_constants_and_nesting():
     lin = nn.Linear(4, 4).to(D)
     s = lipschitz_upper_bound(lin).item()
     net = nn.Sequential(
-        nn.Flatten(), nn.Sequential(lin, nn.LeakyReLU(3.0)), nn.Dropout(0.5), nn.Identity(), nn.Sigmoid(), MaxMin()
+        nn.Flatten(),
+        nn.Sequential(lin, nn.LeakyReLU(3.0)),
+        nn.Dropout(0.5),
+        nn.Identity(),
+        nn.Sigmoid(),
+        MaxMin(),
     )
     assert lipschitz_upper_bound(net).item() == pytest.approx(s * 3.0 * 0.25, rel=1e-12)
     assert lipschitz_upper_bound(nn.Sequential(nn.LeakyReLU(0.1), nn.Tanh())).item() == 1.0
@@ -181,7 +205,9 @@ def test_upper_bound_uses_effective_parametrized_weight():
     sn(torch.randn(2, 8, dtype=D))
     sn.eval()
     exact = torch.linalg.svdvals(sn.weight.detach())[0].item()
-    assert lipschitz_upper_bound(nn.Sequential(sn, nn.ReLU())).item() == pytest.approx(exact, rel=1e-12)
+    assert lipschitz_upper_bound(nn.Sequential(sn, nn.ReLU())).item() == pytest.approx(
+        exact, rel=1e-12
+    )
 
 
 @pytest.mark.parametrize("layer", [nn.Conv2d(1, 1, 3), nn.BatchNorm1d(4), nn.Softplus()])
@@ -338,11 +364,17 @@ def trained(moons):
     x, y = moons
     nets = {}
     torch.manual_seed(0)
-    relu = nn.Sequential(nn.Linear(2, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2)).to(D)
+    relu = nn.Sequential(
+        nn.Linear(2, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2)
+    ).to(D)
     nets["relu"] = _train(relu, nn.CrossEntropyLoss(), x, y)
     torch.manual_seed(0)
     orth = nn.Sequential(
-        orthogonal(nn.Linear(2, 32)), MaxMin(), orthogonal(nn.Linear(32, 32)), MaxMin(), orthogonal(nn.Linear(32, 2))
+        orthogonal(nn.Linear(2, 32)),
+        MaxMin(),
+        orthogonal(nn.Linear(32, 32)),
+        MaxMin(),
+        orthogonal(nn.Linear(32, 2)),
     ).to(D)
     nets["orthogonal"] = _train(orth, MarginLoss(0.1), x, y)
     if "bjorck" in _variants():
@@ -350,8 +382,10 @@ def trained(moons):
 
         torch.manual_seed(0)
         bj = nn.Sequential(
-            bjorck_orthonormal(nn.Linear(2, 32)), MaxMin(),
-            bjorck_orthonormal(nn.Linear(32, 32)), MaxMin(),
+            bjorck_orthonormal(nn.Linear(2, 32)),
+            MaxMin(),
+            bjorck_orthonormal(nn.Linear(32, 32)),
+            MaxMin(),
             bjorck_orthonormal(nn.Linear(32, 2)),
         ).to(D)
         nets["bjorck"] = _train(bj, MarginLoss(0.1), x, y)
@@ -389,8 +423,10 @@ def test_pgd_never_beats_the_certificate(trained, moons, variant, norm):
     # ... and since the margin can only shrink by c·L·‖δ‖, at least 1% of it survives.
     assert bool((worst >= 0.01 * m * (1 - 1e-9)).all())
     used = (m - worst) / (0.99 * m)  # fraction of the certified margin budget the attack spent
-    print(f"\n{variant} {norm}: certified {len(ys)}/{len(y)}, min margin after attack / clean margin "
-          f"{(worst / m).min().item():.4f}, max budget used {used.max().item():.4f}")
+    print(
+        f"\n{variant} {norm}: certified {len(ys)}/{len(y)}, min margin after attack / clean margin "
+        f"{(worst / m).min().item():.4f}, max budget used {used.max().item():.4f}"
+    )
     if variant != "relu" and norm == "l2":
         # Orthonormal MaxMin nets are tight in ℓ2: the attack gets close to the bound, so a
         # wrong constant (e.g. a missing √2) would have been caught.
@@ -403,8 +439,10 @@ def test_independent_attack_never_beats_the_certificate(trained, moons, variant,
     torchattacks = pytest.importorskip("torchattacks")
     net = trained[variant]
     x, y = moons
-    xs, ys, r, m = _certified(net, x, y, norm)
-    image_net = nn.Sequential(nn.Flatten(), net).eval()  # torchattacks expects (N, C, H, W) in [0, 1]
+    xs, ys, r, _ = _certified(net, x, y, norm)
+    image_net = nn.Sequential(
+        nn.Flatten(), net
+    ).eval()  # torchattacks expects (N, C, H, W) in [0, 1]
     order = torch.argsort(r)
     torch.manual_seed(2)
     for idx in order.chunk(4):  # one radius per group: just below the group's smallest radius
@@ -433,17 +471,26 @@ def test_pgd_finds_adversarials_above_the_boundary_distance(trained, moons, norm
     radii = torch.linspace(0, 0.5, 101, dtype=D)[1:]
     with torch.no_grad():
         pts = xs[:, None, None, :] + radii[None, :, None, None] * dirs[None, None, :, :]
-        flipped = net(pts.reshape(-1, 2)).argmax(1).reshape(len(xs), len(radii), len(dirs)) != ys[:, None, None]
+        flipped = (
+            net(pts.reshape(-1, 2)).argmax(1).reshape(len(xs), len(radii), len(dirs))
+            != ys[:, None, None]
+        )
     found = flipped.any(2)
     has = found.any(1)
     first = torch.where(found, radii[None, :], torch.full_like(found, math.inf, dtype=D)).amin(1)
     xs, ys, r, dist = xs[has], ys[has], r[has], first[has]
     assert len(ys) >= 20
     eps = 1.05 * dist
-    xa = pgd(net, xs, ys, eps, norm=norm, steps=200, generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        success = margins(net(xa), ys) <= 0
-    print(f"\nrelu {norm}: brute-force distance / certified radius: median "
-          f"{(dist / r).median().item():.1f}, PGD success at 1.05×distance {success.double().mean().item():.3f}")
+    success = torch.zeros_like(ys, dtype=torch.bool)
+    g = torch.Generator().manual_seed(3)
+    for random_start in (True, False):  # a random restart and the clean start
+        xa = pgd(net, xs, ys, eps, norm=norm, steps=200, random_start=random_start, generator=g)
+        with torch.no_grad():
+            success |= margins(net(xa), ys) <= 0
+    print(
+        f"\nrelu {norm}: brute-force distance / certified radius: median "
+        f"{(dist / r).median().item():.1f} (min {(dist / r).min().item():.1f}), "
+        f"PGD success at 1.05×distance {success.double().mean().item():.3f}"
+    )
     assert (dist / r).min().item() > 1.5  # well above the certified radius
     assert success.double().mean().item() >= 0.95

@@ -34,7 +34,10 @@ def _kr_binary_by_hand(f, pos):
     f, pos = f.tolist(), pos.tolist()
     fp = [v for v, s in zip(f, pos) if s]
     fn = [v for v, s in zip(f, pos) if not s]
-    mean = lambda v: sum(v) / len(v) if v else 0.0  # noqa: E731
+
+    def mean(v):
+        return sum(v) / len(v) if v else 0.0
+
     return mean(fp) - mean(fn)
 
 
@@ -62,7 +65,9 @@ def test_margin_loss_is_torch_multi_margin_and_hand_formula(margin, p):
     hand = _margin_by_hand(logits, y, margin, p)
     none = MarginLoss(margin, p=p, reduction="none")(logits, y)
     torch.testing.assert_close(none, hand)
-    torch.testing.assert_close(none, F.multi_margin_loss(logits, y, p=p, margin=margin, reduction="none"))
+    torch.testing.assert_close(
+        none, F.multi_margin_loss(logits, y, p=p, margin=margin, reduction="none")
+    )
     torch.testing.assert_close(MarginLoss(margin, p=p)(logits, y), hand.mean())
     torch.testing.assert_close(MarginLoss(margin, p=p, reduction="sum")(logits, y), hand.sum())
 
@@ -104,10 +109,14 @@ def test_kr_binary_by_hand(labels01, column):
 def test_kr_multiclass_one_vs_rest_by_hand():
     logits, y = _data(30, 4, seed=5)
     assert set(y.tolist()) == {0, 1, 2, 3}
-    assert KRLoss()(logits, y).item() == pytest.approx(-_kr_multiclass_by_hand(logits, y), rel=1e-12)
+    assert KRLoss()(logits, y).item() == pytest.approx(
+        -_kr_multiclass_by_hand(logits, y), rel=1e-12
+    )
     # A class absent from the batch: its positive side counts 0, its negative side still counts.
     y2 = torch.where(y == 3, torch.zeros_like(y), y)
-    assert KRLoss()(logits, y2).item() == pytest.approx(-_kr_multiclass_by_hand(logits, y2), rel=1e-12)
+    assert KRLoss()(logits, y2).item() == pytest.approx(
+        -_kr_multiclass_by_hand(logits, y2), rel=1e-12
+    )
 
 
 def test_kr_is_invariant_to_shifts_and_linear_in_scale():
@@ -129,9 +138,15 @@ def test_hkr_binary_is_minus_kr_plus_alpha_hinge(alpha, margin):
     signs = 2.0 * y - 1
     hinge = F.relu(margin - signs * f).mean()
     expected = KRLoss()(f, y) + alpha * hinge
-    assert HKRLoss(alpha, margin)(f, y).item() == pytest.approx(expected.item(), rel=1e-12, abs=1e-12)
-    assert HKRLoss(alpha, margin)(f, 2 * y - 1).item() == pytest.approx(expected.item(), rel=1e-12, abs=1e-12)
-    assert HKRLoss(alpha, margin, reduction="none")(f, y).mean().item() == pytest.approx(expected.item(), rel=1e-12, abs=1e-12)
+    assert HKRLoss(alpha, margin)(f, y).item() == pytest.approx(
+        expected.item(), rel=1e-12, abs=1e-12
+    )
+    assert HKRLoss(alpha, margin)(f, 2 * y - 1).item() == pytest.approx(
+        expected.item(), rel=1e-12, abs=1e-12
+    )
+    assert HKRLoss(alpha, margin, reduction="none")(f, y).mean().item() == pytest.approx(
+        expected.item(), rel=1e-12, abs=1e-12
+    )
 
 
 @pytest.mark.parametrize("alpha", [0.0, 5.0, 50.0])
@@ -142,7 +157,9 @@ def test_hkr_multiclass_by_hand(alpha):
     assert HKRLoss(alpha, 0.7)(logits, y).item() == pytest.approx(expected, rel=1e-12)
     terms = HKRLoss(alpha, 0.7, reduction="none")(logits, y)
     assert terms.shape == (25,)
-    assert HKRLoss(alpha, 0.7, reduction="sum")(logits, y).item() == pytest.approx(terms.sum().item(), rel=1e-12)
+    assert HKRLoss(alpha, 0.7, reduction="sum")(logits, y).item() == pytest.approx(
+        terms.sum().item(), rel=1e-12
+    )
 
 
 def test_hkr_hinge_vanishes_when_every_logit_has_the_margin():
@@ -159,16 +176,21 @@ def test_tau_ce_at_one_is_cross_entropy():
     logits, y = _data(10, 6)
     for reduction in ("mean", "sum", "none"):
         torch.testing.assert_close(
-            TauCrossEntropyLoss(1.0, reduction)(logits, y), F.cross_entropy(logits, y, reduction=reduction)
+            TauCrossEntropyLoss(1.0, reduction)(logits, y),
+            F.cross_entropy(logits, y, reduction=reduction),
         )
 
 
 @pytest.mark.parametrize("tau", [0.05, 0.5, 4.0, 64.0])
 def test_tau_ce_scaling(tau):
     logits, y = _data(10, 6, seed=2)
-    torch.testing.assert_close(TauCrossEntropyLoss(tau)(logits, y), F.cross_entropy(tau * logits, y) / tau)
+    torch.testing.assert_close(
+        TauCrossEntropyLoss(tau)(logits, y), F.cross_entropy(tau * logits, y) / tau
+    )
     # L_τ(f) = L_1(τ f) / τ.
-    torch.testing.assert_close(TauCrossEntropyLoss(tau)(logits, y), TauCrossEntropyLoss(1.0)(tau * logits, y) / tau)
+    torch.testing.assert_close(
+        TauCrossEntropyLoss(tau)(logits, y), TauCrossEntropyLoss(1.0)(tau * logits, y) / tau
+    )
 
 
 def test_tau_ce_large_tau_tends_to_the_margin_hinge():
