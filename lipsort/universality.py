@@ -138,10 +138,12 @@ def lattice_pieces(xs, ys) -> LatticeForm:
             f"the target is not 1-Lipschitz: segment {k} on [{float(xs[k]):g}, {float(xs[k + 1]):g}] "
             f"has slope {float(slopes[k]):g} (|slope| must be <= 1)"
         )
-    # Merge collinear neighbours so that consecutive pieces are distinct lines.
+    # Merge exactly collinear neighbours so that consecutive pieces are distinct lines. Only
+    # exact equality: merging nearly equal slopes would move the function by more than the
+    # round-off tolerance of the domination test below.
     keep = [0]
     for k in range(1, len(slopes)):
-        if abs(float(slopes[k] - slopes[keep[-1]])) > _RTOL:
+        if float(slopes[k]) != float(slopes[keep[-1]]):
             keep.append(k)
     knots = xs[[k for k in keep[1:]]]
     # Slopes within rounding of ±1 are set to ±1 exactly, so that ‖W‖∞ ≤ 1 holds exactly.
@@ -156,14 +158,14 @@ def lattice_pieces(xs, ys) -> LatticeForm:
         ends = []
         if i > 0:
             ends.append(float(knots[i - 1]))
-        elif a[j] > a[i] + _RTOL:  # D_0 extends to -∞: ℓ_j - ℓ_i must not decrease leftwards
+        elif a[j] > a[i]:  # D_0 extends to -∞: ℓ_j - ℓ_i must not decrease leftwards
             return False
         if i < m - 1:
             ends.append(float(knots[i]))
-        elif a[j] < a[i] - _RTOL:  # D_{m-1} extends to +∞
+        elif a[j] < a[i]:  # D_{m-1} extends to +∞
             return False
         if not ends:  # a single piece: D_0 is the whole line
-            return abs(float(a[j] - a[i])) <= _RTOL and float(b[j] - b[i]) >= -tol
+            return bool(a[j] == a[i]) and float(b[j] - b[i]) >= -tol
         return all(float((a[j] - a[i]) * t + (b[j] - b[i])) >= -tol for t in ends)
 
     sets = [tuple(j for j in range(m) if dominates(j, i)) for i in range(m)]
