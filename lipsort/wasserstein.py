@@ -292,7 +292,8 @@ def train_critic(
         >>> len(h.train), h.eval_steps
         (5, [5])
     """
-    from tqdm.auto import tqdm
+    # Plain tqdm: it renders as text in notebooks too, without needing ipywidgets.
+    from tqdm import tqdm
 
     if not isinstance(critic, nn.Module):
         raise TypeError(f"critic must be an nn.Module, got {type(critic).__name__}")

@@ -208,7 +208,7 @@ def relu_optimum(width: int = 128, dtype=F64) -> nn.Sequential:
     Example:
         >>> net = relu_optimum(8)
         >>> x = torch.tensor([[-1.0], [0.0], [1.0]], dtype=torch.float64)
-        >>> f = net(x).flatten()
+        >>> f = net(x).detach().flatten()
         >>> round(float((f[0] + f[2]) / 2 - f[1]) * 3 ** 0.5, 12)
         1.0
     """
