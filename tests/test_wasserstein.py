@@ -117,6 +117,9 @@ def test_gradient_norms_and_stats():
 
 
 def test_train_maxmin_bjorck_critic_reaches_w1_on_a1():
+    # One thread: on 64 × 64 matrices a second one saves little and, on a busy machine, its
+    # synchronization costs far more (the fixture restores the count).
+    torch.set_num_threads(1)
     pb = absolute_value()
     torch.manual_seed(0)
     critic = mlp([1, 64, 64, 1], activation="maxmin", constraint="bjorck")
@@ -132,6 +135,7 @@ def test_train_maxmin_bjorck_critic_reaches_w1_on_a1():
 
 def test_train_relu_bjorck_critic_stays_below_one_over_sqrt3():
     # The chapter's bound: a [1, n, n, 1] ReLU critic with ‖W‖₂ ≤ 1 has estimate ≤ 1/√3 on A1.
+    torch.set_num_threads(1)  # as above
     pb = absolute_value()
     torch.manual_seed(0)
     critic = mlp([1, 32, 32, 1], activation="relu", constraint="bjorck")

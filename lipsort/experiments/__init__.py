@@ -13,9 +13,9 @@ Example:
 import importlib
 
 from .ledger import Claim, ClaimsError, load_claims
-from .record import finish
+from .record import finish, glue_text
 
-__all__ = ["Claim", "ClaimsError", "finish", "load_claims"]
+__all__ = ["Claim", "ClaimsError", "finish", "glue_text", "load_claims"]
 
 
 def __getattr__(name: str):

@@ -13,6 +13,7 @@ r"""Book glue for chapter 01 (Lipschitz constants, gradient-norm attenuation, th
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -279,6 +280,25 @@ def relu_bound_certificate() -> dict[str, float]:
 # 3. The absolute-value experiment (A1).
 
 
+@contextlib.contextmanager
+def _cpu_threads(n: int | None, device):
+    """Run the block with ``n`` torch CPU threads (``None``: leave as is), then restore.
+
+    The critics' matrices are at most 128 × 128: a second thread saves little on them, and on
+    a busy machine its synchronization can cost more than it saves. A fixed count also keeps
+    the run deterministic whatever the caller's setting.
+    """
+    if n is None or torch.device(device).type != "cpu":
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 @dataclass
 class CriticRun:
     """One trained critic of the A1 grid and its measurements."""
@@ -316,13 +336,16 @@ def run_absolute_value(
     seed: int = 0,
     device="cpu",
     progress: bool = True,
+    threads: int | None = 1,
 ) -> list[CriticRun]:
     r"""Train one critic ``[1, width, width, 1]`` per (activation, constraint) on a 1-D problem.
 
     Every critic starts from the same seed; training is :func:`lipsort.wasserstein.train_critic`
     (AggMo, the authors' settings), the estimate is exact (the critic evaluated at the atoms),
     and input-gradient norms are measured on ``n_grid`` evenly spaced points of the convex
-    hull of the supports (where an optimal critic has slope ±1).
+    hull of the supports (where an optimal critic has slope ±1). On CPU the training runs with
+    ``threads`` torch threads (default 1, see :func:`_cpu_threads`; ``None`` keeps the
+    current setting).
     """
     if not problem.is_discrete:
         raise ValueError(f"run_absolute_value needs a 1-D (discrete) problem, got {problem!r}")
@@ -330,36 +353,43 @@ def run_absolute_value(
     hi = float(problem.centers.max()) + problem.radius
     grid = torch.linspace(lo, hi, n_grid, dtype=torch.float32)[:, None]
     runs = []
-    for constraint in constraints:
-        for activation in activations:
-            gs = group_size if activation == "groupsort" else None
-            kwargs = {"n_iters": bjorck_iters} if constraint == "bjorck" else {}
-            torch.manual_seed(seed)
-            critic = mlp([1, width, width, 1], activation=activation, constraint=constraint, group_size=gs, **kwargs)
-            critic = critic.to(device)
-            label = _label(activation, gs)
-            history = train_critic(
-                critic,
-                problem,
-                steps=steps,
-                batch_size=batch_size,
-                lr=lr,
-                milestones=tuple(milestones),
-                gamma=gamma if isinstance(gamma, (int, float)) else tuple(gamma),
-                evaluate=lambda f: exact_dual_estimate(f, problem),
-                eval_every=eval_every,
-                seed=seed,
-                progress=progress,
-                desc=f"{label} / {constraint}",
-            )
-            critic.eval()
-            estimate = exact_dual_estimate(critic, problem)
-            lip = float(lipschitz_upper_bound(critic))
-            g = gradient_norms(critic, grid.to(device)).cpu()
-            runs.append(
-                CriticRun(activation, constraint, label, critic, history, estimate, lip, g, gradient_norm_stats(g))
-            )
+    with _cpu_threads(threads, device):
+        for constraint in constraints:
+            for activation in activations:
+                runs.append(
+                    _train_one(problem, activation, constraint, width, group_size, steps, batch_size, lr,
+                               milestones, gamma, bjorck_iters, eval_every, grid, seed, device, progress)
+                )
     return runs
+
+
+def _train_one(problem, activation, constraint, width, group_size, steps, batch_size, lr, milestones,
+               gamma, bjorck_iters, eval_every, grid, seed, device, progress) -> CriticRun:
+    gs = group_size if activation == "groupsort" else None
+    kwargs = {"n_iters": bjorck_iters} if constraint == "bjorck" else {}
+    torch.manual_seed(seed)
+    critic = mlp([1, width, width, 1], activation=activation, constraint=constraint, group_size=gs, **kwargs)
+    critic = critic.to(device)
+    label = _label(activation, gs)
+    history = train_critic(
+        critic,
+        problem,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        milestones=tuple(milestones),
+        gamma=gamma if isinstance(gamma, (int, float)) else tuple(gamma),
+        evaluate=lambda f: exact_dual_estimate(f, problem),
+        eval_every=eval_every,
+        seed=seed,
+        progress=progress,
+        desc=f"{label} / {constraint}",
+    )
+    critic.eval()
+    estimate = exact_dual_estimate(critic, problem)
+    lip = float(lipschitz_upper_bound(critic))
+    g = gradient_norms(critic, grid.to(device)).cpu()
+    return CriticRun(activation, constraint, label, critic, history, estimate, lip, g, gradient_norm_stats(g))
 
 
 def results_table(runs: list[CriticRun], decimals: int = 3):

@@ -165,3 +165,14 @@ def finish(
         raise AssertionError(
             f"{len(failed)} claim(s) of chapter {slug} fail at profile {profile}:\n" + "\n".join(lines)
         )
+
+
+def glue_text(name: str, text) -> None:
+    """Make a formatted number available to the chapter's prose as ``{glue:md}`name```.
+
+    Glued as Markdown, so the book shows ``0.998`` rather than the quoted repr of a string.
+    """
+    from IPython.display import Markdown
+    from myst_nb import glue
+
+    glue(name, Markdown(str(text)), display=False)
