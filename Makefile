@@ -7,6 +7,8 @@ STAMP := $(VENV)/.installed
 THREADS ?= 2
 export OMP_NUM_THREADS := $(THREADS)
 export MKL_NUM_THREADS := $(THREADS)
+# Idle OpenMP workers sleep instead of spinning: spinning threads starve each other on a busy machine.
+export OMP_WAIT_POLICY := PASSIVE
 
 # Datasets root: a pre-filled folder when there is one (CI), else torchvision downloads.
 ifneq ($(wildcard ../shared/data),)

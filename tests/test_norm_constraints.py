@@ -67,6 +67,15 @@ def test_measured_regions_match_closed_forms_and_contain_sqrt2():
     assert np.isnan(df.loc[2, "to +1 in between"])  # even orders: no bounded band beyond the basin
 
 
+def test_closed_forms_hold_beyond_order_four_and_approach_sqrt2():
+    df = xn.convergence_regions(orders=[5, 6], n_grid=1001, n_iters=200)
+    assert (df["max |numeric − closed form|"] < 1e-9).all()
+    odd = [xn.region_edges_exact(p)["basin"] for p in (1, 3, 5, 7, 9)]
+    even = [xn.region_edges_exact(p)["basin"] for p in (2, 4, 6, 8, 10)]
+    for seq in (odd, even):
+        assert np.all(np.diff(seq) < 0) and min(seq) > math.sqrt(2)
+
+
 def test_fates_and_orbit():
     assert xn.fates([0.3, 1.6, 1.9, 2.3], 1).tolist() == [1, 1, -1, 2]
     orbit = xn.scalar_orbit([0.5, 3.0], 1, 20)
