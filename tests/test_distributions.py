@@ -16,12 +16,7 @@ from lipsort.distributions import ConeProblem, absolute_value, high_dim_cone, pr
 D = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("two_threads")
 
 
 def emd_w1(x_p: torch.Tensor, x_q: torch.Tensor) -> float:
