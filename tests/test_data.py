@@ -49,6 +49,15 @@ def _check_split(x, y, counts):
     assert torch.bincount(y, minlength=10).tolist() == counts
 
 
+def _copy_mnist_archives(root: Path) -> Path:
+    """Copy the MNIST archives of the data root into ``root`` (a writable, fresh root)."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for f in sorted((Path(ROOT) / "MNIST" / "raw").glob("*.gz")):
+        shutil.copyfile(f, raw / f.name)
+    return raw
+
+
 @needs_data
 @pytest.mark.parametrize("train", [True, False])
 def test_mnist_splits(mnist_sets, train):
@@ -107,10 +116,7 @@ def test_read_only_root_is_mirrored_and_left_untouched(tmp_path, monkeypatch, mn
 
 @needs_data
 def test_cache_is_rebuilt_when_the_raw_file_changes(tmp_path, mnist_sets):
-    raw = tmp_path / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    for f in sorted((Path(ROOT) / "MNIST" / "raw").glob("*.gz")):
-        shutil.copyfile(f, raw / f.name)
+    raw = _copy_mnist_archives(tmp_path)
     _, y = data.mnist(train=False, root=tmp_path)  # writable root: unpacked and cached in place
     assert (tmp_path / "MNIST" / "lipsort" / "test.pt").is_file()
     labels = raw / "t10k-labels-idx1-ubyte"
@@ -224,10 +230,7 @@ def test_concurrent_first_loads_agree(tmp_path, mnist_sets):
     # other waits and then reads the finished cache.
     from concurrent.futures import ThreadPoolExecutor
 
-    raw = tmp_path / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    for f in sorted((Path(ROOT) / "MNIST" / "raw").glob("*.gz")):
-        shutil.copyfile(f, raw / f.name)
+    raw = _copy_mnist_archives(tmp_path)
     with ThreadPoolExecutor(2) as pool:
         results = list(
             pool.map(lambda _: data.mnist(train=False, root=tmp_path, download=False), range(2))
