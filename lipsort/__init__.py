@@ -14,11 +14,16 @@ import importlib
 
 from . import attacks, certify, functional, losses, models, parametrizations
 from .activations import FullSort, GroupSort, MaxMin
-from .certify import certified_accuracy, certified_radius, empirical_lipschitz, lipschitz_upper_bound
+from .certify import (
+    certified_accuracy,
+    certified_radius,
+    empirical_lipschitz,
+    lipschitz_upper_bound,
+)
 from .parametrizations import bjorck_orthonormal, frozen, linf_projected, spectral_normalized
 from .runtime import seed_everything, setup
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one definition; pyproject.toml reads it
 
 __all__ = [
     "attacks",
@@ -45,8 +50,8 @@ __all__ = [
 
 
 # Loaded on first access: optim imports pytorch-optimizer (slow), data imports torchvision,
-# experiments imports plotting libraries.
-_LAZY = ("optim", "data", "experiments", "bench", "wasserstein", "distributions", "universality", "sdf")
+# experiments (the chapters' glue) and book (the book's tooling) import plotting and notebook libraries.
+_LAZY = ("optim", "data", "wasserstein", "lattice", "runtime", "experiments", "book", "bench", "reproduce")
 
 
 def __getattr__(name: str):

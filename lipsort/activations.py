@@ -6,10 +6,11 @@ All three permute units within groups: norm-preserving and gradient-norm-preserv
 
 from __future__ import annotations
 
-import torch
+import torch  # noqa: F401  (the doctests use it)
 from torch import Tensor, nn
 
 from . import functional as F
+from ._checks import check_int
 
 __all__ = ["GroupSort", "MaxMin", "FullSort"]
 
@@ -27,8 +28,7 @@ class GroupSort(nn.Module):
 
     def __init__(self, group_size: int = 2, dim: int = 1):
         super().__init__()
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-            raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
+        check_int(group_size, "group_size")
         self.group_size = group_size
         self.dim = dim
 

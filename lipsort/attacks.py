@@ -1,4 +1,4 @@
-r"""Projected gradient attacks: empirical upper bounds on robust accuracy (chapters 04 and 07).
+r"""Projected gradient attacks: empirical upper bounds on robust accuracy.
 
 A certificate (:mod:`lipsort.certify`) says no perturbation within the radius can change a
 prediction; an attack searches for one that does. On a certified point the attack must
@@ -9,9 +9,10 @@ robust at that radius. Between the two lies the gap a tighter Lipschitz bound co
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as nnf
 from torch import Tensor, nn
 
+from ._checks import check_int
 from .certify import _margin_values, margins
 
 __all__ = ["pgd"]
@@ -91,8 +92,8 @@ def _objective(logits: Tensor, y: Tensor, loss: str) -> tuple[Tensor, Tensor]:
     if loss == "margin":
         return -m, m
     if logits.dim() == 1 or logits.shape[1] == 1:
-        return F.softplus(-m), m  # logistic loss of the signed margin
-    return F.cross_entropy(logits, y, reduction="none"), m
+        return nnf.softplus(-m), m  # logistic loss of the signed margin
+    return nnf.cross_entropy(logits, y, reduction="none"), m
 
 
 def pgd(
@@ -158,8 +159,7 @@ def pgd(
         raise ValueError(f"loss must be 'margin' or 'ce', got {loss!r}")
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
         raise TypeError("x must be a floating-point tensor with a batch dimension")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
+    steps = check_int(steps, "steps", 0)
     x = x.detach()
     if x.shape[0] == 0:
         return x.clone()

@@ -1,4 +1,4 @@
-r"""Robustness certificates from Lipschitz bounds (chapters 04 and 07).
+r"""Robustness certificates from Lipschitz bounds.
 
 If every logit difference of a classifier changes slowly, a large enough margin cannot be
 overturned by a small perturbation. This module computes
@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from . import functional as F
+from ._checks import binary_labels
 from .activations import FullSort, GroupSort, MaxMin
 
 __all__ = [
@@ -52,20 +53,6 @@ def _pair_factor(norm: str) -> float:
     return math.sqrt(2.0) if norm == "l2" else 2.0
 
 
-def _binary_signs(labels: Tensor, n: int) -> Tensor:
-    if labels.shape not in ((n,), (n, 1)):
-        raise ValueError(
-            f"labels must have shape ({n},) for {n} binary scores, got {tuple(labels.shape)}"
-        )
-    t = labels.reshape(n)
-    values = set(torch.unique(t).tolist())
-    if not (values <= {0, 1} or values <= {-1, 1}):
-        raise ValueError(
-            f"binary labels must all lie in {{0, 1}} or all in {{-1, +1}}, got {sorted(values)}"
-        )
-    return t > 0
-
-
 def margins(logits: Tensor, labels: Tensor) -> Tensor:
     r"""Per-sample margin :math:`M = f_y - \max_{j \ne y} f_j` (``y·f`` for a single score).
 
@@ -81,7 +68,7 @@ def margins(logits: Tensor, labels: Tensor) -> Tensor:
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     if logits.dim() == 1 or (logits.dim() == 2 and logits.shape[1] == 1):
         n = logits.shape[0]
-        pos = _binary_signs(labels, n)
+        pos = binary_labels(labels, n)
         f = logits.reshape(n)
         return torch.where(pos, f, -f)
     if logits.dim() != 2:

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from ._checks import check_int
+
 __all__ = [
     "CACHE_ENV_VAR",
     "ENV_VAR",
@@ -366,8 +368,7 @@ def subset_per_class(
         )
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x has {x.shape[0]} examples but y has {y.shape[0]} labels")
-    if isinstance(n_per_class, bool) or not isinstance(n_per_class, int) or n_per_class < 1:
-        raise ValueError(f"n_per_class must be a positive integer, got {n_per_class!r}")
+    n_per_class = check_int(n_per_class, "n_per_class")
     labels = y.detach().cpu()
     gen = torch.Generator().manual_seed(seed)
     chosen = []
@@ -405,8 +406,7 @@ class TensorLoader:
             raise ValueError(
                 f"all tensors need the same first dimension, got {[t.shape[0] for t in tensors]}"
             )
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        batch_size = check_int(batch_size, "batch_size")
         self.tensors, self.n, self.batch_size = tensors, n, batch_size
         self.shuffle, self.drop_last = shuffle, drop_last
         self._gen = torch.Generator().manual_seed(seed)

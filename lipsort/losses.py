@@ -1,4 +1,4 @@
-r"""Classification losses for Lipschitz networks (chapters 04–06).
+r"""Classification losses for Lipschitz networks.
 
 A Lipschitz network cannot make its logits large, so the loss decides how the margin — and
 hence the certified radius (:mod:`lipsort.certify`) — is traded against accuracy
@@ -23,8 +23,10 @@ For the batch-level losses (KR, HKR) ``reduction="none"`` returns per-sample ter
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as nnf
 from torch import Tensor, nn
+
+from ._checks import binary_labels
 
 __all__ = ["HKRLoss", "KRLoss", "MarginLoss", "TauCrossEntropyLoss"]
 
@@ -88,26 +90,9 @@ def _is_binary(scores: Tensor) -> bool:
 
 
 def _binary_signs(scores: Tensor, target) -> Tensor:
-    """Binary case: return the scores as (N,) and labels as signs ±1 in the scores' dtype."""
-    if not isinstance(target, torch.Tensor):
-        raise TypeError(f"target must be a torch.Tensor of labels, got {type(target).__name__}")
-    n = scores.shape[0]
-    if target.shape not in ((n,), (n, 1)):
-        raise ValueError(
-            f"binary target must have shape ({n},) or ({n}, 1) for scores of shape "
-            f"{tuple(scores.shape)}, got {tuple(target.shape)}"
-        )
-    t = target.reshape(n)
-    if t.is_complex():
-        raise TypeError(f"binary labels must be real, got dtype {t.dtype}")
-    t = t.to(scores.dtype)
-    values = set(torch.unique(t).tolist())
-    if not (values <= {0.0, 1.0} or values <= {-1.0, 1.0}):
-        raise ValueError(
-            "binary labels must all lie in {0, 1} or all in {-1, +1}, "
-            f"got values {sorted(values)}"
-        )
-    return torch.where(t > 0, 1.0, -1.0).to(scores.dtype)
+    """Binary case: the labels as signs ±1 in the scores' dtype (validated by :func:`binary_labels`)."""
+    pos = binary_labels(target, scores.shape[0], f"binary scores of shape {tuple(scores.shape)}")
+    return torch.where(pos, 1.0, -1.0).to(scores.dtype)
 
 
 def _binary_kr_terms(scores: Tensor, signs: Tensor) -> Tensor:
@@ -131,7 +116,7 @@ def _kr_terms(scores: Tensor, target) -> Tensor:
         signs = _binary_signs(scores, target)
         return _binary_kr_terms(scores.reshape(-1), signs)
     _check_class_indices(scores, target)
-    signs = 2 * F.one_hot(target, scores.shape[1]).to(scores.dtype) - 1
+    signs = 2 * nnf.one_hot(target, scores.shape[1]).to(scores.dtype) - 1
     return _binary_kr_terms(scores, signs).mean(1)
 
 
@@ -139,14 +124,14 @@ def _hinge_terms(scores: Tensor, target, margin: float) -> Tensor:
     """Per-sample hinge terms, binary or one-vs-rest multi-class (see :class:`HKRLoss`)."""
     if _is_binary(scores):
         signs = _binary_signs(scores, target)
-        return F.relu(margin - signs * scores.reshape(-1))
+        return nnf.relu(margin - signs * scores.reshape(-1))
     _check_class_indices(scores, target)
     c = scores.shape[1]
-    onehot = F.one_hot(target, c).to(scores.dtype)
+    onehot = nnf.one_hot(target, c).to(scores.dtype)
     signs = 2 * onehot - 1
     # The true class is one positive against C-1 negatives: weight it C-1 (as deel-lip).
     weights = 1 + (c - 2) * onehot
-    return (weights * F.relu(margin - signs * scores)).mean(1)
+    return (weights * nnf.relu(margin - signs * scores)).mean(1)
 
 
 class MarginLoss(nn.Module):
@@ -188,7 +173,7 @@ class MarginLoss(nn.Module):
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         _check_class_indices(logits, target)
-        return F.multi_margin_loss(
+        return nnf.multi_margin_loss(
             logits, target, p=self.p, margin=self.margin, reduction=self.reduction
         )
 
@@ -331,10 +316,10 @@ class TauCrossEntropyLoss(nn.Module):
         if _is_binary(scores):
             signs = _binary_signs(scores, target)
             # softplus(-τ y f) = log(1 + exp(-τ y f)) = BCE-with-logits for label (y+1)/2.
-            terms = F.softplus(-self.tau * signs * scores.reshape(-1)) / self.tau
+            terms = nnf.softplus(-self.tau * signs * scores.reshape(-1)) / self.tau
         else:
             _check_class_indices(scores, target)
-            terms = F.cross_entropy(self.tau * scores, target, reduction="none") / self.tau
+            terms = nnf.cross_entropy(self.tau * scores, target, reduction="none") / self.tau
         return _reduce(terms, self.reduction)
 
     def extra_repr(self) -> str:

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from ._checks import check_int
 from .activations import FullSort, GroupSort, MaxMin
 from .certify import register_lipschitz_bound
 
@@ -75,8 +76,9 @@ def mlp(
         ['Linear', 'GroupSort', 'Linear', 'GroupSort', 'Linear']
     """
     sizes = list(sizes)
-    if len(sizes) < 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
+    if len(sizes) < 2:
         raise ValueError(f"sizes must list at least two positive integers (input, ..., output), got {sizes}")
+    sizes = [check_int(s, "each size") for s in sizes]
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; choose one of {ACTIVATIONS}")
     layers: list[nn.Module] = []

@@ -1,5 +1,5 @@
 r"""Aggregated momentum (AggMo; Lucas, Sun, Zemel, Grosse, ICLR 2019), the optimizer of
-Anil et al. (2019) for their Wasserstein and robustness experiments (chapters 01 and 04).
+Anil et al. (2019) for their Wasserstein and robustness experiments.
 
 AggMo keeps ``K`` heavy-ball velocities with different damping factors
 :math:`\beta_1, \dots, \beta_K` and steps along their average:

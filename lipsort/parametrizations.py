@@ -22,9 +22,7 @@ Certificates multiply *exact* norms of the effective weights
 from __future__ import annotations
 
 import copy
-import math
 import numbers
-import operator
 import weakref
 
 import torch
@@ -32,6 +30,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from . import functional as F
+from ._checks import check_int, check_positive
 
 __all__ = [
     "bjorck_orthonormal",
@@ -51,33 +50,10 @@ _WARM_START_ITERS = 15
 # --------------------------------------------------------------------------- argument checks
 
 
-def _check_int(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be an integer >= {minimum}, got the bool {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise ValueError(
-            f"{name} must be an integer >= {minimum}, got {value!r} ({type(value).__name__})"
-        ) from None
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
-    return value
-
-
 def _check_order(order) -> int:
     if isinstance(order, bool) or not isinstance(order, numbers.Integral) or not 1 <= order <= 4:
         raise ValueError(f"Björck order must be 1, 2, 3 or 4, got {order!r}")
     return int(order)
-
-
-def _check_radius(radius) -> float:
-    if isinstance(radius, bool) or not isinstance(radius, numbers.Real):
-        raise ValueError(f"radius must be a positive finite number, got {radius!r}")
-    radius = float(radius)
-    if not (math.isfinite(radius) and radius > 0):
-        raise ValueError(f"radius must be a positive finite number, got {radius!r}")
-    return radius
 
 
 def _check_linear(module, fn_name: str) -> None:
@@ -235,10 +211,10 @@ class BjorckOrthonormal(EvalCachedConstraint):
 
     def __init__(self, n_iters: int = 20, order: int = 1, eval_iters: int | None = None):
         super().__init__()
-        self.n_iters = _check_int(n_iters, "n_iters", 0)
+        self.n_iters = check_int(n_iters, "n_iters", 0)
         self.order = _check_order(order)
         self.eval_iters = (
-            self.n_iters if eval_iters is None else _check_int(eval_iters, "eval_iters", 0)
+            self.n_iters if eval_iters is None else check_int(eval_iters, "eval_iters", 0)
         )
 
     def constrain(self, original: Tensor) -> Tensor:
@@ -321,7 +297,7 @@ class SpectralNormalized(EvalCachedConstraint):
 
     def __init__(self, in_features: int, n_power_iters: int = 1, dtype=None, device=None):
         super().__init__()
-        self.n_power_iters = _check_int(n_power_iters, "n_power_iters", 1)
+        self.n_power_iters = check_int(n_power_iters, "n_power_iters", 1)
         u = torch.randn(in_features, dtype=dtype, device=device)
         self.register_buffer("u", u / u.norm())
 
@@ -408,7 +384,7 @@ class LinfProjected(EvalCachedConstraint):
 
     def __init__(self, radius: float = 1.0):
         super().__init__()
-        self.radius = _check_radius(radius)
+        self.radius = check_positive(radius, "radius")
 
     def constrain(self, original: Tensor) -> Tensor:
         return F.project_rows_l1(original, self.radius)

@@ -3,13 +3,16 @@ the thread count (CPU results are bit-for-bit reproducible only at a fixed threa
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 
 import numpy as np
 import torch
 
-__all__ = ["seed_everything", "setup", "DEFAULT_THREADS"]
+from ._checks import check_int
+
+__all__ = ["seed_everything", "setup", "num_threads", "DEFAULT_THREADS"]
 
 DEFAULT_THREADS = 2
 
@@ -22,8 +25,7 @@ def seed_everything(seed: int = 0, threads: int | None = DEFAULT_THREADS) -> Non
         >>> seed_everything(3); bool((a == torch.rand(2)).all())
         True
     """
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    seed = check_int(seed, "seed", 0)
     # cuBLAS needs this before its first use to be deterministic.
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     random.seed(seed)
@@ -32,9 +34,7 @@ def seed_everything(seed: int = 0, threads: int | None = DEFAULT_THREADS) -> Non
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
     if threads is not None:
-        if threads < 1:
-            raise ValueError(f"threads must be at least 1, got {threads}")
-        torch.set_num_threads(threads)
+        torch.set_num_threads(check_int(threads, "threads"))
 
 
 def setup(seed: int = 0, device: str | torch.device = "cpu", threads: int | None = DEFAULT_THREADS) -> torch.device:
@@ -53,3 +53,26 @@ def setup(seed: int = 0, device: str | torch.device = "cpu", threads: int | None
         raise RuntimeError("device='cuda' was requested but torch sees no GPU; use device='cpu' or 'auto'")
     seed_everything(seed, threads)
     return device
+
+
+@contextlib.contextmanager
+def num_threads(n: int | None):
+    """Run the block with ``n`` torch CPU threads (``None``: leave the setting as is), then restore it.
+
+    Small matrices gain nothing from a second thread, and a fixed count keeps a CPU run
+    bit-for-bit reproducible whatever the caller's setting.
+
+    Example:
+        >>> with num_threads(1):
+        ...     torch.get_num_threads()
+        1
+    """
+    if n is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(check_int(n, "threads"))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)

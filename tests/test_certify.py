@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import math
 
@@ -23,18 +22,12 @@ from lipsort.certify import (
     register_lipschitz_bound,
 )
 from lipsort.losses import MarginLoss
+from lipsort.parametrizations import bjorck_orthonormal
 
 D = torch.float64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny networks: threading only adds synchronization overhead (and spins when the cores
-    # are shared).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- radius
@@ -347,10 +340,7 @@ def _train(net: nn.Module, loss_fn, x, y, steps: int = 300, lr: float = 0.01) ->
 
 
 def _variants():
-    out = ["relu", "orthogonal"]
-    if importlib.util.find_spec("lipsort.parametrizations") is not None:
-        out.append("bjorck")
-    return out
+    return ["relu", "orthogonal", "bjorck"]
 
 
 @pytest.fixture(scope="module")
@@ -368,27 +358,12 @@ def trained(moons):
         nn.Linear(2, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2)
     ).to(D)
     nets["relu"] = _train(relu, nn.CrossEntropyLoss(), x, y)
-    torch.manual_seed(0)
-    orth = nn.Sequential(
-        orthogonal(nn.Linear(2, 32)),
-        MaxMin(),
-        orthogonal(nn.Linear(32, 32)),
-        MaxMin(),
-        orthogonal(nn.Linear(32, 2)),
-    ).to(D)
-    nets["orthogonal"] = _train(orth, MarginLoss(0.1), x, y)
-    if "bjorck" in _variants():
-        from lipsort.parametrizations import bjorck_orthonormal
-
+    for name, constrain in [("orthogonal", orthogonal), ("bjorck", bjorck_orthonormal)]:
         torch.manual_seed(0)
-        bj = nn.Sequential(
-            bjorck_orthonormal(nn.Linear(2, 32)),
-            MaxMin(),
-            bjorck_orthonormal(nn.Linear(32, 32)),
-            MaxMin(),
-            bjorck_orthonormal(nn.Linear(32, 2)),
+        net = nn.Sequential(
+            constrain(nn.Linear(2, 32)), MaxMin(), constrain(nn.Linear(32, 32)), MaxMin(), constrain(nn.Linear(32, 2))
         ).to(D)
-        nets["bjorck"] = _train(bj, MarginLoss(0.1), x, y)
+        nets[name] = _train(net, MarginLoss(0.1), x, y)
     return nets
 
 

@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 import lipsort
-from lipsort.experiments import ledger, pages
-from lipsort.experiments.ledger import Claim, ClaimsError, load_claims
-from lipsort.experiments.record import finish
+from lipsort.book import ledger, pages
+from lipsort.book.ledger import Claim, ClaimsError, load_claims
+from lipsort.book.record import finish
 
 REPO = Path(lipsort.__file__).resolve().parents[1]
 BOOK = REPO / "book"

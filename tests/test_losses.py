@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as nnf
 
 from lipsort.losses import HKRLoss, KRLoss, MarginLoss, TauCrossEntropyLoss
 
@@ -66,7 +66,7 @@ def test_margin_loss_is_torch_multi_margin_and_hand_formula(margin, p):
     none = MarginLoss(margin, p=p, reduction="none")(logits, y)
     torch.testing.assert_close(none, hand)
     torch.testing.assert_close(
-        none, F.multi_margin_loss(logits, y, p=p, margin=margin, reduction="none")
+        none, nnf.multi_margin_loss(logits, y, p=p, margin=margin, reduction="none")
     )
     torch.testing.assert_close(MarginLoss(margin, p=p)(logits, y), hand.mean())
     torch.testing.assert_close(MarginLoss(margin, p=p, reduction="sum")(logits, y), hand.sum())
@@ -136,7 +136,7 @@ def test_hkr_binary_is_minus_kr_plus_alpha_hinge(alpha, margin):
     f = torch.randn(20, generator=g, dtype=D)
     y = (torch.rand(20, generator=g) > 0.5).long()
     signs = 2.0 * y - 1
-    hinge = F.relu(margin - signs * f).mean()
+    hinge = nnf.relu(margin - signs * f).mean()
     expected = KRLoss()(f, y) + alpha * hinge
     assert HKRLoss(alpha, margin)(f, y).item() == pytest.approx(
         expected.item(), rel=1e-12, abs=1e-12
@@ -177,7 +177,7 @@ def test_tau_ce_at_one_is_cross_entropy():
     for reduction in ("mean", "sum", "none"):
         torch.testing.assert_close(
             TauCrossEntropyLoss(1.0, reduction)(logits, y),
-            F.cross_entropy(logits, y, reduction=reduction),
+            nnf.cross_entropy(logits, y, reduction=reduction),
         )
 
 
@@ -185,7 +185,7 @@ def test_tau_ce_at_one_is_cross_entropy():
 def test_tau_ce_scaling(tau):
     logits, y = _data(10, 6, seed=2)
     torch.testing.assert_close(
-        TauCrossEntropyLoss(tau)(logits, y), F.cross_entropy(tau * logits, y) / tau
+        TauCrossEntropyLoss(tau)(logits, y), nnf.cross_entropy(tau * logits, y) / tau
     )
     # L_τ(f) = L_1(τ f) / τ.
     torch.testing.assert_close(
@@ -207,7 +207,7 @@ def test_tau_ce_binary_is_logistic():
     f = torch.randn(12, generator=g, dtype=D)
     y = (torch.rand(12, generator=g) > 0.5).long()
     for tau in (0.5, 1.0, 8.0):
-        expected = F.binary_cross_entropy_with_logits(tau * f, y.to(D)) / tau
+        expected = nnf.binary_cross_entropy_with_logits(tau * f, y.to(D)) / tau
         torch.testing.assert_close(TauCrossEntropyLoss(tau)(f, y), expected)
         torch.testing.assert_close(TauCrossEntropyLoss(tau)(f[:, None], 2 * y - 1), expected)
 

@@ -35,13 +35,7 @@ CONSTRAINTS = {
 SHAPES = {"square": (16, 16), "wide": (24, 8), "tall": (8, 24)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small matrices: one thread is as fast, and avoids oversubscribing a busy 2-core runner.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sv_error(w: torch.Tensor) -> float:

@@ -10,10 +10,9 @@ import nbformat
 import pytest
 
 import lipsort
-from lipsort import reproduce
-from lipsort.experiments import chapters as ch
-from lipsort.experiments import ledger
-from lipsort.experiments import pages
+from lipsort.book import ledger, pages
+from lipsort.book import notebooks as ch
+from lipsort.book import runner as reproduce
 
 REPO = Path(lipsort.__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
@@ -44,7 +43,7 @@ def write_chapter(root: Path, slug: str, body: str, params: str = "n = 3") -> Pa
         + f'profile = "quick"\ndevice = "cpu"\nseed = 0\nresults_dir = ""\n{params}\n```\n\n'
         + f"```{{code-cell}} ipython3\n{body}\n```\n\n"
         + "```{code-cell} ipython3\n"
-        + f'lipsort.experiments.finish("{slug}", results, profile=profile, results_dir=results_dir)\n```\n'
+        + f'lipsort.book.finish("{slug}", results, profile=profile, results_dir=results_dir)\n```\n'
     )
     path = root / "notebooks" / f"{slug}.md"
     path.write_text(text)
@@ -98,7 +97,7 @@ def test_chapter_structure(slug):
     assert params["profile"] == "quick" and params["device"] == "cpu" and params["results_dir"] == ""
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert code[0] is ch.parameters_cell(nb), f"{slug}: the first code cell must be the parameters cell"
-    assert ch.finish_slug(nb) == slug, f"{slug}: the last code cell must be lipsort.experiments.finish({slug!r}, ...)"
+    assert ch.finish_slug(nb) == slug, f"{slug}: the last code cell must be lipsort.book.finish({slug!r}, ...)"
     last = code[-1].source.strip()
     assert "profile=profile" in last and "results_dir=results_dir" in last, last
     assert nb.metadata.get("kernelspec", {}).get("name") == "python3", f"{slug}: kernelspec must be python3"
@@ -227,7 +226,7 @@ def test_failing_chapter_is_reported_and_others_are_kept(tmp_path, capsys, monke
 """
     make_project(tmp_path, claims=claims)
     write_chapter(tmp_path, "01_broken", "results = {'x': 1 / 0}")
-    write_chapter(tmp_path, "02_good", "import lipsort.experiments\nresults = {'answer': 6 * 7.0}")
+    write_chapter(tmp_path, "02_good", "import lipsort.book\nresults = {'answer': 6 * 7.0}")
 
     monkeypatch.delenv(ledger.CLAIMS_ENV, raising=False)
     status = reproduce.main(["--root", str(tmp_path), "--profile", "quick"])

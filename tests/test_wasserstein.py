@@ -10,21 +10,22 @@ import torch
 from torch import nn
 
 from lipsort.certify import lipschitz_upper_bound
-from lipsort.distributions import absolute_value, high_dim_cone, three_cones
 from lipsort.models import mlp
 from lipsort.wasserstein import (
     CriticHistory,
+    absolute_value,
     dual_estimate,
     exact_dual_estimate,
     gradient_norm_stats,
     gradient_norms,
+    high_dim_cone,
+    three_cones,
     train_critic,
 )
 
 D = torch.float64
 
-
-pytestmark = pytest.mark.usefixtures("two_threads")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def emd_w1(x_p, x_q) -> float:
@@ -112,9 +113,6 @@ def test_gradient_norms_and_stats():
 
 
 def test_train_maxmin_bjorck_critic_reaches_w1_on_a1():
-    # One thread: on 64 × 64 matrices a second one saves little and, on a busy machine, its
-    # synchronization costs far more (the fixture restores the count).
-    torch.set_num_threads(1)
     pb = absolute_value()
     torch.manual_seed(0)
     critic = mlp([1, 64, 64, 1], activation="maxmin", constraint="bjorck")
@@ -130,7 +128,6 @@ def test_train_maxmin_bjorck_critic_reaches_w1_on_a1():
 
 def test_train_relu_bjorck_critic_stays_below_one_over_sqrt3():
     # The chapter's bound: a [1, n, n, 1] ReLU critic with ‖W‖₂ ≤ 1 has estimate ≤ 1/√3 on A1.
-    torch.set_num_threads(1)  # as above
     pb = absolute_value()
     torch.manual_seed(0)
     critic = mlp([1, 32, 32, 1], activation="relu", constraint="bjorck")

@@ -1,25 +1,23 @@
-"""Book glue: what the chapters of the book (``notebooks/``) call.
+"""Chapter glue: the measurements, tables and figures of each chapter of the book, one module per chapter.
 
-Chapter-specific training loops and plots live in submodules (``lipsort.experiments.<name>``),
-loaded on first access so that ``import lipsort.experiments`` stays light; this module
-exposes the ledger and :func:`finish`, the last cell of every chapter.
+* :mod:`~lipsort.experiments.gradient_norm`: chapter 01 (gradient norm preservation, A1).
+* :mod:`~lipsort.experiments.groupsort_universality`: chapter 02 (GroupSort, universality, B1).
+* :mod:`~lipsort.experiments.norm_constraints`: chapter 03 (Björck, spectral, ℓ∞ constraints).
+
+Submodules load on first access, so ``import lipsort.experiments`` stays light; the library
+they use is :mod:`lipsort` itself, and the book's tooling is :mod:`lipsort.book`.
 
 Example:
     >>> import lipsort.experiments as ex
-    >>> ex.ledger.PROFILES
-    ('quick', 'full')
+    >>> ex.norm_constraints.bjorck_map(1.0, 2)
+    array(1.)
 """
 
 import importlib
 
-from .ledger import Claim, ClaimsError, load_claims
-from .record import finish, glue_text
-
-__all__ = ["Claim", "ClaimsError", "finish", "glue_text", "load_claims"]
-
 
 def __getattr__(name: str):
-    # ``lipsort.experiments.universality`` works without importing the submodule first.
+    # ``lipsort.experiments.gradient_norm`` works without importing the submodule first.
     if name.startswith("_"):
         raise AttributeError(name)
     try:

@@ -13,17 +13,14 @@ r"""Book glue for chapter 01 (Lipschitz constants, gradient-norm attenuation, th
 
 from __future__ import annotations
 
-import contextlib
 import math
-from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from ..certify import empirical_lipschitz, lipschitz_upper_bound
-from ..distributions import ConeProblem
 from ..models import mlp
-from ..wasserstein import CriticHistory, exact_dual_estimate, gradient_norm_stats, gradient_norms, train_critic
+from ..wasserstein import ConeProblem, CriticResult, fit_critic, gradient_norms
 
 __all__ = [
     "composition_table",
@@ -33,8 +30,7 @@ __all__ = [
     "maxmin_abs",
     "relu_optimum",
     "relu_bound_certificate",
-    "CriticRun",
-    "run_absolute_value",
+        "run_absolute_value",
     "results_table",
     "plot_critics",
     "plot_gradient_norms",
@@ -280,45 +276,6 @@ def relu_bound_certificate() -> dict[str, float]:
 # 3. The absolute-value experiment (A1).
 
 
-@contextlib.contextmanager
-def _cpu_threads(n: int | None, device):
-    """Run the block with ``n`` torch CPU threads (``None``: leave as is), then restore.
-
-    The critics' matrices are at most 128 × 128: a second thread saves little on them, and on
-    a busy machine its synchronization can cost more than it saves. A fixed count also keeps
-    the run deterministic whatever the caller's setting.
-    """
-    if n is None or torch.device(device).type != "cpu":
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-@dataclass
-class CriticRun:
-    """One trained critic of the A1 grid and its measurements."""
-
-    activation: str
-    constraint: str
-    label: str
-    critic: nn.Module
-    history: CriticHistory
-    estimate: float
-    lipschitz: float
-    grad_norms: Tensor
-    stats: dict = field(default_factory=dict)
-
-    @property
-    def certified(self) -> float:
-        """The estimate divided by the exact Lipschitz bound: a guaranteed lower bound of W1."""
-        return self.estimate / max(self.lipschitz, 1.0)
-
-
 def run_absolute_value(
     problem: ConeProblem,
     activations=("relu", "maxmin", "groupsort"),
@@ -337,14 +294,15 @@ def run_absolute_value(
     device="cpu",
     progress: bool = True,
     threads: int | None = 1,
-) -> list[CriticRun]:
-    r"""Train one critic ``[1, width, width, 1]`` per (activation, constraint) on a 1-D problem.
+) -> list[CriticResult]:
+    r"""Fit one critic ``[1, width, width, 1]`` per (activation, constraint) on a 1-D problem.
 
-    Every critic starts from the same seed; training is :func:`lipsort.wasserstein.train_critic`
+    Every critic starts from the same seed; :func:`lipsort.wasserstein.fit_critic` trains it
     (AggMo, the authors' settings), the estimate is exact (the critic evaluated at the atoms),
     and input-gradient norms are measured on ``n_grid`` evenly spaced points of the convex
     hull of the supports (where an optimal critic has slope ±1). On CPU the training runs with
-    ``threads`` torch threads (default 1, see :func:`_cpu_threads`; ``None`` keeps the
+    ``threads`` torch threads (default 1: the matrices are at most 128 × 128, a second thread
+    saves little and on a busy machine its synchronization costs more; ``None`` keeps the
     current setting).
     """
     if not problem.is_discrete:
@@ -352,47 +310,19 @@ def run_absolute_value(
     lo = float(problem.centers.min()) - problem.radius
     hi = float(problem.centers.max()) + problem.radius
     grid = torch.linspace(lo, hi, n_grid, dtype=torch.float32)[:, None]
-    runs = []
-    with _cpu_threads(threads, device):
-        for constraint in constraints:
-            for activation in activations:
-                runs.append(
-                    _train_one(problem, activation, constraint, width, group_size, steps, batch_size, lr,
-                               milestones, gamma, bjorck_iters, eval_every, grid, seed, device, progress)
-                )
-    return runs
+    return [
+        fit_critic(
+            problem, (width, width), activation, constraint, steps=steps, group_size=group_size,
+            bjorck_iters=bjorck_iters, batch_size=batch_size, lr=lr, milestones=milestones, gamma=gamma,
+            eval_every=eval_every, grad_points=grid, seed=seed, device=device, threads=threads,
+            progress=progress, label=_label(activation, group_size if activation == "groupsort" else None),
+        )
+        for constraint in constraints
+        for activation in activations
+    ]
 
 
-def _train_one(problem, activation, constraint, width, group_size, steps, batch_size, lr, milestones,
-               gamma, bjorck_iters, eval_every, grid, seed, device, progress) -> CriticRun:
-    gs = group_size if activation == "groupsort" else None
-    kwargs = {"n_iters": bjorck_iters} if constraint == "bjorck" else {}
-    torch.manual_seed(seed)
-    critic = mlp([1, width, width, 1], activation=activation, constraint=constraint, group_size=gs, **kwargs)
-    critic = critic.to(device)
-    label = _label(activation, gs)
-    history = train_critic(
-        critic,
-        problem,
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        milestones=tuple(milestones),
-        gamma=gamma if isinstance(gamma, (int, float)) else tuple(gamma),
-        evaluate=lambda f: exact_dual_estimate(f, problem),
-        eval_every=eval_every,
-        seed=seed,
-        progress=progress,
-        desc=f"{label} / {constraint}",
-    )
-    critic.eval()
-    estimate = exact_dual_estimate(critic, problem)
-    lip = float(lipschitz_upper_bound(critic))
-    g = gradient_norms(critic, grid.to(device)).cpu()
-    return CriticRun(activation, constraint, label, critic, history, estimate, lip, g, gradient_norm_stats(g))
-
-
-def results_table(runs: list[CriticRun], decimals: int = 3):
+def results_table(runs: list[CriticResult], decimals: int = 3):
     """One row per critic: estimate, Lipschitz bound, certified estimate, gradient-norm stats."""
     import pandas as pd
 
@@ -403,15 +333,15 @@ def results_table(runs: list[CriticRun], decimals: int = 3):
             "estimate": r.estimate,
             "Lip bound": r.lipschitz,
             "certified": r.certified,
-            "mean |f'|": r.stats["mean"],
-            "frac |f'| ≥ 0.99": r.stats["frac_unit"],
+            "mean |f'|": r.grad_stats["mean"],
+            "frac |f'| ≥ 0.99": r.grad_stats["frac_unit"],
         }
         for r in runs
     ]
     return pd.DataFrame(rows).round(decimals)
 
 
-def plot_critics(runs: list[CriticRun], problem: ConeProblem, margin: float = 0.5):
+def plot_critics(runs: list[CriticResult], problem: ConeProblem, margin: float = 0.5):
     r"""Learned critics :math:`f(x) - f(0)` against the optimal :math:`|x|`, one panel per constraint."""
     import matplotlib.pyplot as plt
 
@@ -437,7 +367,7 @@ def plot_critics(runs: list[CriticRun], problem: ConeProblem, margin: float = 0.
     return fig
 
 
-def plot_gradient_norms(runs: list[CriticRun]):
+def plot_gradient_norms(runs: list[CriticResult]):
     r"""Empirical CDF of :math:`|f'(x)|` on the hull of the supports, per activation and constraint."""
     import matplotlib.pyplot as plt
     import pandas as pd
@@ -457,7 +387,7 @@ def plot_gradient_norms(runs: list[CriticRun]):
     return fig
 
 
-def plot_histories(runs: list[CriticRun], w1: float = 1.0):
+def plot_histories(runs: list[CriticResult], w1: float = 1.0):
     """Exact estimate during training, one line per critic."""
     import matplotlib.pyplot as plt
 

@@ -48,18 +48,13 @@ Example:
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 from torch import Tensor
 
+from .._checks import check_int, check_positive
+
 __all__ = ["ConeProblem", "absolute_value", "three_cones", "high_dim_cone", "PROBLEMS", "problem"]
-
-
-def _check_count(n, name: str = "n") -> int:
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-        raise ValueError(f"{name} must be a positive integer, got {n!r}")
-    return int(n)
 
 
 class ConeProblem:
@@ -94,8 +89,7 @@ class ConeProblem:
             raise ValueError(f"centers must have shape (K, d) with K, d >= 1, got {tuple(c.shape)}")
         if not bool(torch.isfinite(c).all()):
             raise ValueError("centers must be finite")
-        if isinstance(radius, bool) or not isinstance(radius, numbers.Real) or not math.isfinite(radius) or radius <= 0:
-            raise ValueError(f"radius must be a positive finite number, got {radius!r}")
+        radius = check_positive(radius, "radius")
         if c.shape[0] > 1:
             gaps = torch.cdist(c, c) + torch.diag(torch.full((c.shape[0],), math.inf, dtype=torch.float64))
             closest = float(gaps.min())
@@ -153,7 +147,7 @@ class ConeProblem:
         Randomness comes from ``generator`` (a CPU ``torch.Generator``) so that a run is
         reproducible whatever the device; the result is moved to ``device``.
         """
-        n = _check_count(n)
+        n = check_int(n, "n")
         centers = self._centers_for(n, generator)
         if self.dim == 1:
             # The "sphere" of the line: the two points c ± r, equally likely.
@@ -166,7 +160,7 @@ class ConeProblem:
 
     def sample_q(self, n: int, generator: torch.Generator | None = None, dtype=torch.float32, device=None) -> Tensor:
         """``n`` points of ``Q`` (the centers, chosen uniformly), shape ``(n, d)``."""
-        n = _check_count(n)
+        n = check_int(n, "n")
         return self._centers_for(n, generator).to(dtype=dtype, device=device)
 
     def sample(self, n: int, generator: torch.Generator | None = None, dtype=torch.float32, device=None) -> tuple[Tensor, Tensor]:
@@ -241,7 +235,7 @@ def high_dim_cone(dim: int = 128) -> ConeProblem:
         >>> torch.allclose(x.norm(dim=1), torch.ones(3, dtype=torch.float64))
         True
     """
-    dim = _check_count(dim, "dim")
+    dim = check_int(dim, "dim")
     return ConeProblem(torch.zeros(1, dim), radius=1.0, name=f"{dim}-D cone (A3)")
 
 

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ..._checks import check_int
+
 __all__ = [
     "koch_snowflake",
     "snowflake_area",
@@ -65,8 +67,7 @@ def koch_snowflake(
         >>> round(float(polygon_area(koch_snowflake(3))) / float(snowflake_area(3)), 12)
         1.0
     """
-    if isinstance(level, bool) or not isinstance(level, int) or level < 0:
-        raise ValueError(f"level must be a non-negative integer, got {level!r}")
+    level = check_int(level, "level", 0)
     if not radius > 0:
         raise ValueError(f"radius must be positive, got {radius!r}")
     angles = torch.tensor([90.0, 210.0, 330.0], dtype=dtype) * (math.pi / 180)

@@ -30,7 +30,7 @@ __all__ = [
 #: Parameters every chapter must define (the runner sets them).
 REQUIRED_PARAMETERS = ("profile", "device", "seed", "results_dir")
 _CHAPTER_GLOB = "[0-9][0-9]_*.md"
-_FINISH = re.compile(r"^\s*lipsort\.experiments\.finish\(\s*(['\"])(?P<slug>[^'\"]+)\1")
+_FINISH = re.compile(r"^\s*lipsort\.book\.finish\(\s*(['\"])(?P<slug>[^'\"]+)\1")
 
 
 class ChapterError(ValueError):
@@ -101,7 +101,7 @@ def parameters(nb, name: str = "notebook") -> dict[str, Any]:
 
 
 def finish_slug(nb) -> str | None:
-    """The slug passed to ``lipsort.experiments.finish`` by the last code cell, if it is that call."""
+    """The slug passed to ``lipsort.book.finish`` by the last code cell, if it is that call."""
     code = [c for c in nb.cells if c.cell_type == "code" and c.source.strip()]
     if not code:
         return None

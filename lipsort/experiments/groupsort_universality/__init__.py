@@ -9,10 +9,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .. import functional as F
-from ..activations import FullSort, GroupSort, MaxMin
-from ..sdf import koch_snowflake, signed_distance
-from ..universality import LatticeForm, pwl_eval
+from ... import functional as F
+from ...activations import FullSort, GroupSort, MaxMin
+from ...lattice import LatticeForm, pwl_eval
+from .snowflake import koch_snowflake, signed_distance
 
 __all__ = [
     "groupsort_properties",
@@ -135,8 +135,8 @@ def random_exactness(n_targets: int, seed: int = 0, max_breakpoints: int = 20) -
     ``max_breakpoints`` breakpoints, every third one with slopes ±1 only) and return the worst
     max |network − target|, the worst ``‖W‖∞`` over all layers, the worst certified ∞-norm
     Lipschitz bound and the deepest network (number of MaxMin layers)."""
-    from ..certify import lipschitz_upper_bound
-    from ..universality import maxmin_network
+    from ...certify import lipschitz_upper_bound
+    from ...lattice import maxmin_network
 
     gen = torch.Generator().manual_seed(seed)
     worst = {"max_abs_error": 0.0, "max_w_inf": 0.0, "max_linf_bound": 0.0, "max_maxmin_layers": 0}
@@ -210,7 +210,7 @@ class Scene:
 def snowflake_scene(level: int = 4) -> Scene:
     """The chapter's scene: a snowflake of radius 1 and one of radius 0.8, disjoint, in the box
     [−2.5, 2.5] × [−1.5, 1.5]."""
-    from ..sdf import check_disjoint
+    from .snowflake import check_disjoint
 
     polys = (koch_snowflake(level, (-1.15, -0.1), 1.0), koch_snowflake(level, (1.2, 0.25), 0.8))
     check_disjoint(list(polys))

@@ -2,7 +2,7 @@
 
 A chapter ends with exactly one call::
 
-    lipsort.experiments.finish("NN_slug", results, profile=profile, results_dir=results_dir)
+    lipsort.book.finish("NN_slug", results, profile=profile, results_dir=results_dir)
 
 Printed numbers are what nbval compares across machines, so each value is printed at the
 precision its claim needs (one decimal finer than the tolerance) and values without a claim

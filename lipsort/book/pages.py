@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .chapters import discover
 from .ledger import PAPERS, PROFILES, Claim, format_value, load_claims, must_hold
+from .notebooks import discover
 
 __all__ = [
     "PAPER_TITLES",

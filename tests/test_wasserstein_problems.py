@@ -11,7 +11,13 @@ import ot
 import pytest
 import torch
 
-from lipsort.distributions import ConeProblem, absolute_value, high_dim_cone, problem, three_cones
+from lipsort.wasserstein.problems import (
+    ConeProblem,
+    absolute_value,
+    high_dim_cone,
+    problem,
+    three_cones,
+)
 
 D = torch.float64
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lipsort.sdf import (
+from lipsort.experiments.groupsort_universality.snowflake import (
     check_disjoint,
     inside_polygons,
     koch_snowflake,

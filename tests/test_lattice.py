@@ -9,17 +9,8 @@ from torch import nn
 from lipsort import MaxMin
 from lipsort.certify import lipschitz_upper_bound
 from lipsort.functional import operator_norm
-from lipsort.universality import LatticeForm, lattice_pieces, maxmin_network, pwl_eval
-
-
-def random_target(gen: torch.Generator, n: int, extreme: bool = False):
-    """Random 1-Lipschitz breakpoints; ``extreme`` uses slopes ±1 (the boundary of the ball)."""
-    xs = torch.cumsum(torch.rand(n, generator=gen, dtype=torch.float64) * 2 + 1e-3, 0) - 5
-    s = torch.rand(n - 1, generator=gen, dtype=torch.float64) * 2 - 1
-    if extreme:
-        s = torch.where(s >= 0, 1.0, -1.0).to(torch.float64)
-    ys = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(s * (xs[1:] - xs[:-1]), 0)])
-    return xs, ys + torch.randn(1, generator=gen, dtype=torch.float64)
+from lipsort.lattice import LatticeForm, lattice_pieces, maxmin_network, pwl_eval
+from tests.reference import random_target
 
 
 def check_exact(xs, ys):
