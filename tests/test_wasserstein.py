@@ -16,6 +16,7 @@ from lipsort.wasserstein import (
     absolute_value,
     dual_estimate,
     exact_dual_estimate,
+    fit_critic,
     gradient_norm_stats,
     gradient_norms,
     high_dim_cone,
@@ -192,3 +193,24 @@ def test_bad_inputs_raise():
         CriticHistory().final
     with pytest.raises(ValueError, match="non-empty 1-D"):
         gradient_norm_stats(torch.zeros(2, 2))
+
+
+def test_fit_critic_certified_estimate_never_exceeds_w1():
+    # Spectral normalization with one power iteration can overshoot ‖W‖₂ = 1: the raw estimate
+    # may exceed W1, the certified one (divided by the exact bound) never does.
+    pb = absolute_value()
+    for constraint in ("bjorck", "spectral"):
+        r = fit_critic(pb, (16, 16), "maxmin", constraint, steps=60, lr=0.05, progress=False)
+        assert r.certified <= pb.w1 + 1e-6
+        assert r.lipschitz == min(r.lipschitz_l2, r.lipschitz_linf)
+        assert r.certified == r.estimate / max(r.lipschitz, 1.0)
+        assert not r.critic.training and r.history.final == r.estimate
+
+
+def test_fit_critic_traces_the_weights_used_in_training():
+    r = fit_critic(high_dim_cone(2), (8, 8), "maxmin", "bjorck", steps=7, batch_size=16, trace_weights=True,
+                   grad_points=torch.randn(5, 2), dtype=D, progress=False)
+    assert r.weight_trace["per_layer"].shape == (3, 7)
+    assert float(r.weight_trace["bjorck"].max()) < 1e-4  # the default iterations reach the manifold
+    assert r.grad_norms.shape == (5,) and float(r.grad_norms.max()) <= 1 + 1e-9
+    assert set(r.grad_stats) == {"mean", "median", "min", "max", "frac_unit"}
