@@ -66,7 +66,9 @@ def test_missing_file_names_the_path(tmp_path):
     "entry, message",
     [
         ({k: v for k, v in GOOD.items() if k != "key"}, r"lacks the required field\(s\) \['key'\]"),
-        ({**GOOD, "tolerance": 1}, r"unknown field\(s\) \['tolerance'\]"),
+        ({**GOOD, "tolerances": 1}, r"unknown field\(s\) \['tolerances'\]"),
+        ({**GOOD, "tolerance": 1}, r"'tolerance' must be a non-empty string"),
+        ({**GOOD, "source": "paper"}, r"must say where the paper published it"),
         ({**GOOD, "paper": "anil2018"}, "paper 'anil2018' is not one of"),
         ({**GOOD, "source": "blog"}, "source 'blog' is not one of"),
         ({**GOOD, "profile": "medium"}, "profile 'medium' is not one of"),

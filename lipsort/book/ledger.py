@@ -46,7 +46,7 @@ __all__ = [
 #: Bibliography keys of the papers the ledger may cite.
 PAPERS = ("anil2019", "li2019", "bethune2022")
 #: Where a claim's reference value comes from.
-SOURCES = ("exact", "paper", "qualitative")
+SOURCES = ("paper", "exact", "derived", "qualitative")
 #: Execution profiles, from cheapest to most faithful.
 PROFILES = ("quick", "full")
 #: Environment variable that points :func:`claims_path` to another ledger (used by the runner
@@ -54,6 +54,9 @@ PROFILES = ("quick", "full")
 CLAIMS_ENV = "LIPSORT_CLAIMS"
 
 _REQUIRED = ("id", "paper", "statement", "published", "source", "chapter", "key", "expect", "profile")
+#: Optional one-sentence fields: where the paper published it (required for ``source: paper``),
+#: how the setting departs from the paper's, and where the tolerance comes from.
+_OPTIONAL = ("where", "deviation", "tolerance")
 _EXPECT_FORMS = ({"approx", "tol"}, {"min"}, {"max"}, {"min", "max"})
 
 
@@ -127,6 +130,9 @@ class Claim:
     key: str
     expect: dict = field(hash=False)
     profile: str
+    where: str | None = None
+    deviation: str | None = None
+    tolerance: str | None = None
 
     @property
     def decimals(self) -> int:
@@ -175,9 +181,14 @@ def _check_entry(i: int, entry: Any, path: Path, notebooks_dir: Path) -> Claim:
     missing = [k for k in _REQUIRED if k not in entry]
     if missing:
         raise ClaimsError(f"{where} lacks the required field(s) {missing}")
-    unknown = sorted(set(entry) - set(_REQUIRED))
+    unknown = sorted(set(entry) - set(_REQUIRED) - set(_OPTIONAL))
     if unknown:
-        raise ClaimsError(f"{where} has unknown field(s) {unknown}; allowed: {list(_REQUIRED)}")
+        raise ClaimsError(f"{where} has unknown field(s) {unknown}; allowed: {list(_REQUIRED + _OPTIONAL)}")
+    for k in _OPTIONAL:
+        if k in entry and (not isinstance(entry[k], str) or not entry[k].strip()):
+            raise ClaimsError(f"{where}: {k!r} must be a non-empty string, got {entry[k]!r}")
+    if entry["source"] == "paper" and "where" not in entry:
+        raise ClaimsError(f"{where}: a claim with source 'paper' must say where the paper published it ('where')")
     for k in ("id", "statement", "chapter", "key"):
         if not isinstance(entry[k], str) or not entry[k].strip():
             raise ClaimsError(f"{where}: {k!r} must be a non-empty string, got {entry[k]!r}")
@@ -205,7 +216,7 @@ def _check_entry(i: int, entry: Any, path: Path, notebooks_dir: Path) -> Claim:
     notebook = notebooks_dir / f"{entry['chapter']}.md"
     if not notebook.is_file():
         raise ClaimsError(f"{where}: chapter {entry['chapter']!r} has no notebook (tried {notebook})")
-    return Claim(**{k: entry[k] for k in _REQUIRED})
+    return Claim(**{k: entry[k] for k in _REQUIRED + _OPTIONAL if k in entry})
 
 
 def load_claims(path: str | Path | None = None, notebooks_dir: str | Path | None = None) -> list[Claim]:
