@@ -4,9 +4,11 @@ A chapter ends with exactly one call::
 
     lipsort.book.finish("NN_slug", results, profile=profile, results_dir=results_dir)
 
-Printed numbers are what nbval compares across machines, so each value is printed at the
-precision its claim needs (one decimal finer than the tolerance) and values without a claim
-at 4 significant digits; never raw floats.
+In a notebook the key numbers are displayed as a :class:`KeyNumbers` object: Markdown tables
+in the book (the claims: claim, expected, value, status; every key number in a collapsed
+block), aligned plain text as its ``text/plain``. Both are what nbval compares across
+machines, so each value is printed at the precision its claim needs (one decimal finer than
+the tolerance) and values without a claim at 4 significant digits; never raw floats.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from .ledger import (
@@ -26,7 +29,7 @@ from .ledger import (
     validate_results,
 )
 
-__all__ = ["finish", "SLUG_PATTERN", "write_json"]
+__all__ = ["finish", "KeyNumbers", "SLUG_PATTERN", "write_json"]
 
 #: Chapter slugs: two digits, an underscore, a name (``01_gradient_norm``).
 SLUG_PATTERN = re.compile(r"^[0-9]{2}_[A-Za-z0-9_-]+$")
@@ -48,6 +51,95 @@ def _table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
     return "\n".join([fmt(header), fmt(tuple("-" * w for w in widths)), *map(fmt, rows)])
 
 
+def _md_cell(text: str) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def _md_table(rows: list[tuple[str, ...]], header: tuple[str, ...], align: str) -> list[str]:
+    """A Markdown table; ``align`` has one letter per column, ``l`` or ``r``."""
+    rule = {"l": ":--", "r": "--:"}
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(rule[a] for a in align) + "|"]
+    lines += ["| " + " | ".join(map(_md_cell, r)) + " |" for r in rows]
+    return lines
+
+
+@dataclass(frozen=True, repr=False)
+class KeyNumbers:
+    """A chapter's key numbers and ledger checks, as :func:`finish` displays them.
+
+    Its ``repr`` is aligned plain text (what a terminal and nbval's ``text/plain`` see) and
+    ``_repr_markdown_`` gives the book's rendering: a table of the claims (claim, expected,
+    value, status), then every key number in a collapsed ``<details>`` block. Both are pure
+    functions of the fields, so they are identical on every run that computes the same numbers.
+
+    Attributes:
+        slug: the chapter.
+        profile: the profile it ran at.
+        values: ``(key, formatted value)`` for every result, in the chapter's order.
+        claims: ``(claim id, key, formatted value, expectation, status)`` for each claim.
+
+    Example:
+        >>> k = KeyNumbers("01_demo", "quick", (("w1", "0.998"),),
+        ...                (("demo-w1", "w1", "0.998", "1.000 ± 0.010", "holds"),))
+        >>> print(k._repr_markdown_().splitlines()[2])
+        | Claim | Expected | Value | Status |
+        >>> k._repr_markdown_().splitlines()[4]  # no line break inside the expectation
+        '| `demo-w1` | 1.000\\xa0±\\xa00.010 | 0.998 | holds |'
+    """
+
+    slug: str
+    profile: str
+    values: tuple[tuple[str, str], ...]
+    claims: tuple[tuple[str, str, str, str, str], ...] = ()
+
+    def __repr__(self) -> str:
+        lines = [f"Key numbers of {self.slug} (profile {self.profile})"]
+        lines.append(_table(list(self.values), ("key", "value")))
+        if self.claims:
+            lines += ["", "Claims", _table(list(self.claims), ("id", "key", "value", "expected", "status"))]
+        return "\n".join(lines)
+
+    __str__ = __repr__
+
+    def _repr_markdown_(self) -> str:
+        values = [(f"`{k}`", v) for k, v in self.values]
+        if not self.claims:
+            return "\n".join(
+                [f"Key numbers of `{self.slug}` at the *{self.profile}* profile (no claim):", ""]
+                + _md_table(values, ("Key", "Value"), "lr")
+            )
+        # Non-breaking spaces keep "≤ 0.0010" and "1.000 ± 0.010" on one line in a narrow column.
+        rows = [
+            (f"`{cid}`", expected.replace(" ", "\u00a0"), value, "**FAILS**" if st == "FAILS" else st)
+            for cid, _key, value, expected, st in self.claims
+        ]
+        # A blank line after <summary> and before </details>: the table between the two HTML
+        # blocks is parsed as Markdown (CommonMark, GFM and MyST alike).
+        return "\n".join(
+            [f"Ledger claims of `{self.slug}` checked at the *{self.profile}* profile:", ""]
+            + _md_table(rows, ("Claim", "Expected", "Value", "Status"), "llrl")
+            + ["", "<details>", f"<summary>All {len(values)} key numbers</summary>", ""]
+            + _md_table(values, ("Key", "Value"), "lr")
+            + ["", "</details>"]
+        )
+
+
+def _show(report: KeyNumbers) -> None:
+    """Display ``report`` in a notebook (Markdown and plain text), print it elsewhere."""
+    try:
+        from IPython import get_ipython
+    except ImportError:  # IPython is a book dependency, not a library one
+        shell = None
+    else:
+        shell = get_ipython()
+    if shell is None:
+        print(report)
+    else:
+        from IPython.display import display
+
+        display(report)
+
+
 def _runtime() -> dict:
     """What only the kernel knows: its torch thread count and accelerator."""
     import torch
@@ -66,9 +158,9 @@ def finish(
     *,
     claims_file: str | os.PathLike | None = None,
 ) -> None:
-    """Print a chapter's key numbers, check its ledger claims and save its results.
+    """Show a chapter's key numbers, check its ledger claims and save its results.
 
-    Every claim of ``book/claims.yml`` whose ``chapter`` is ``slug`` is printed with its value
+    Every claim of ``book/claims.yml`` whose ``chapter`` is ``slug`` is shown with its value
     and expectation; claims that must hold at ``profile`` (:func:`~.ledger.must_hold`) are
     checked, full-profile claims are only reported at the quick profile.
 
@@ -80,7 +172,8 @@ def finish(
             so that failing values are recorded too).
         claims_file: ledger to use instead of :func:`~.ledger.claims_path`.
 
-    Returns nothing, so that the last cell of a chapter shows only the printed table.
+    Returns nothing, so that the last cell of a chapter shows only the displayed
+    :class:`KeyNumbers` (printed outside IPython, as in the example).
 
     Raises:
         TypeError, ValueError: malformed results, a bad slug or profile, or a claim whose key
@@ -126,25 +219,20 @@ def finish(
     decimals: dict[str, int] = {}
     for c in claims:
         decimals[c.key] = max(decimals.get(c.key, 0), c.decimals)
-    rows = [(k, format_value(v, decimals.get(k))) for k, v in results.items()]
-    print(f"Key numbers of {slug} (profile {profile})")
-    print(_table(rows, ("key", "value")))
+    rows = tuple((k, format_value(v, decimals.get(k))) for k, v in results.items())
 
-    failed, statuses = [], {}
-    if claims:
-        crow = []
-        for c in claims:
-            value = results[c.key]
-            if must_hold(c, profile):
-                status = "holds" if c.holds(value) else "FAILS"
-                if status == "FAILS":
-                    failed.append(c)
-            else:
-                status = f"reported ({c.profile} profile claim)"
-            statuses[c.id] = status.lower()
-            crow.append((c.id, c.key, format_value(value, c.decimals), c.expectation(), status))
-        print("\nClaims")
-        print(_table(crow, ("id", "key", "value", "expected", "status")))
+    failed, statuses, crow = [], {}, []
+    for c in claims:
+        value = results[c.key]
+        if must_hold(c, profile):
+            status = "holds" if c.holds(value) else "FAILS"
+            if status == "FAILS":
+                failed.append(c)
+        else:
+            status = f"reported ({c.profile} profile claim)"
+        statuses[c.id] = status.lower()
+        crow.append((c.id, c.key, format_value(value, c.decimals), c.expectation(), status))
+    _show(KeyNumbers(slug, profile, rows, tuple(crow)))
 
     if results_dir:
         record = {

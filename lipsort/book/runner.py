@@ -154,7 +154,8 @@ def plan(
 
 def _clean_metadata(path: Path) -> None:
     """Drop timings and machine paths that papermill/nbclient store in the notebook metadata
-    (timings belong to ``book/status.md``); keep the parameters."""
+    (timings belong to ``book/status.md``); keep the parameters. Papermill's injected-parameters
+    cell gets the ``hide-cell`` tag: the book collapses it like the ``parameters`` cell."""
     import nbformat
 
     if not path.is_file():
@@ -165,6 +166,9 @@ def _clean_metadata(path: Path) -> None:
     for cell in nb.cells:
         cell.metadata.pop("papermill", None)
         cell.metadata.pop("execution", None)
+        tags = cell.metadata.get("tags", [])
+        if "injected-parameters" in tags and "hide-cell" not in tags:
+            cell.metadata["tags"] = [*tags, "hide-cell"]
     nbformat.write(nb, path)
 
 

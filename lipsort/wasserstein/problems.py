@@ -66,10 +66,7 @@ class ConeProblem:
         radius: sphere radius ``r > 0``; the exact distance is :math:`W_1(P, Q) = r`.
         name: a label for tables and plots.
 
-    Attributes:
-        w1: the exact :math:`W_1(P, Q)`.
-        dim: the dimension ``d``.
-
+    The properties :attr:`w1` (the exact :math:`W_1(P, Q)`) and :attr:`dim` (``d``) describe it.
     ``P`` picks a center uniformly, then a point uniformly on the sphere around it (a
     normalized Gaussian; in 1-D the "sphere" is the two points :math:`c \pm r`). In 1-D both
     distributions are discrete: :meth:`atoms_p` and :meth:`atoms_q` list their atoms and
