@@ -262,12 +262,7 @@ class _PixelModel(nn.Module):
 
 
 def _check_eps(eps, name: str = "eps") -> float:
-    if (
-        isinstance(eps, bool)
-        or not isinstance(eps, (int, float))
-        or not (eps >= 0)
-        or eps == float("inf")
-    ):
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < float("inf"):
         raise ValueError(f"{name} must be a finite non-negative number, got {eps!r}")
     return float(eps)
 
@@ -298,16 +293,8 @@ def _torchattack(cls_name: str, model, x, y, normalization, **kwargs) -> Tensor:
     return attack(flat, y).reshape(x.shape).detach()
 
 
-def pgd_linf(
-    model,
-    x,
-    y,
-    eps: float = 0.3,
-    steps: int = 40,
-    step_size: float = 0.01,
-    random_start: bool = True,
-    normalization=None,
-) -> Tensor:
+def pgd_linf(model, x, y, eps: float = 0.3, steps: int = 40, step_size: float = 0.01,
+             random_start: bool = True, normalization=None) -> Tensor:
     r"""ℓ∞ PGD of ``torchattacks`` (Madry et al., 2018): ascent on the cross-entropy,
     :math:`x \leftarrow \Pi(x + \alpha\,\mathrm{sign}\,\nabla_x)` in
     :math:`\{\|x - x_0\|_\infty \le \varepsilon\} \cap [0, 1]^D`; defaults are :data:`A9_PGD`.
@@ -322,29 +309,13 @@ def pgd_linf(
         >>> bool(((pgd_linf(net, x, y, eps=0.1) - x).abs().max() <= 0.1 + 1e-6))
         True
     """
-    return _torchattack(
-        "PGD",
-        model,
-        x,
-        y,
-        normalization,
-        eps=_check_eps(eps),
-        alpha=_check_eps(step_size, "step_size"),
-        steps=_check_steps(steps),
-        random_start=random_start,
-    )
+    return _torchattack("PGD", model, x, y, normalization, eps=_check_eps(eps),
+                        alpha=_check_eps(step_size, "step_size"), steps=_check_steps(steps),
+                        random_start=random_start)
 
 
-def pgd_l2(
-    model,
-    x,
-    y,
-    eps: float = 1.58,
-    steps: int = 200,
-    step_size: float = 0.01,
-    random_start: bool = True,
-    normalization=None,
-) -> Tensor:
+def pgd_l2(model, x, y, eps: float = 1.58, steps: int = 200, step_size: float = 0.01,
+           random_start: bool = True, normalization=None) -> Tensor:
     r"""ℓ2 PGD of ``torchattacks``: normalized-gradient steps projected onto
     :math:`\{\|x - x_0\|_2 \le \varepsilon\} \cap [0, 1]^D`; defaults are :data:`BCOP_PGD_MNIST`.
     Inputs as in :func:`pgd_linf`.
@@ -355,17 +326,9 @@ def pgd_l2(
         >>> bool(((pgd_l2(net, x, y, eps=0.1, steps=5) - x).norm(dim=1).max() <= 0.1 + 1e-6))
         True
     """
-    return _torchattack(
-        "PGDL2",
-        model,
-        x,
-        y,
-        normalization,
-        eps=_check_eps(eps),
-        alpha=_check_eps(step_size, "step_size"),
-        steps=_check_steps(steps),
-        random_start=random_start,
-    )
+    return _torchattack("PGDL2", model, x, y, normalization, eps=_check_eps(eps),
+                        alpha=_check_eps(step_size, "step_size"), steps=_check_steps(steps),
+                        random_start=random_start)
 
 
 def fgsm(model, x, y, eps: float = 0.3, normalization=None) -> Tensor:
@@ -381,14 +344,9 @@ def _check_steps(steps) -> int:
     return steps
 
 
-def pgd_training_transform(
-    eps: float = 0.3,
-    steps: int = 40,
-    step_size: float = 0.01,
-    norm: str = "linf",
-    loss: str = "margin",
-    clamp: tuple[float, float] | None = (0.0, 1.0),
-):
+def pgd_training_transform(eps: float = 0.3, steps: int = 40, step_size: float = 0.01,
+                           norm: str = "linf", loss: str = "margin",
+                           clamp: tuple[float, float] | None = (0.0, 1.0)):
     r"""A batch transform for adversarial training (Madry et al., 2018): ``fit(...,
     input_transform=pgd_training_transform())`` trains on PGD inputs instead of clean ones.
 
@@ -444,17 +402,9 @@ def _attacks_at(model, g, x, y, eps: float, norm: str, steps: int, normalization
 
 
 def assert_no_attack_inside_certificate(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    lipschitz: float | Tensor | None = None,
-    norm: str = "linf",
-    eps=None,
-    steps: int = 40,
-    per_point_steps: int = 100,
-    normalization=None,
-    slack: float = 1e-3,
-    batch_size: int = 500,
+    model: nn.Module, x: Tensor, y: Tensor, lipschitz: float | Tensor | None = None,
+    norm: str = "linf", eps=None, steps: int = 40, per_point_steps: int = 100,
+    normalization=None, slack: float = 1e-3, batch_size: int = 500,
 ) -> dict:
     r"""Attack every certified point inside its certificate and raise if one is flipped.
 
@@ -483,15 +433,24 @@ def assert_no_attack_inside_certificate(
         CertificateViolation: an attack flipped a certified point; the message names the
             attack, the sample, its radius and the perturbation's norm.
         ValueError: bad ``eps``, ``slack`` or pixels outside [0, 1].
+
+    Example:
+        >>> net = nn.Linear(2, 2)  # logits (x₁ − ½, ½ − x₁): ‖W‖∞ = 1, margins 2|x₁ − ½|
+        >>> with torch.no_grad():
+        ...     _ = net.weight.copy_(torch.tensor([[1.0, 0.0], [-1.0, 0.0]]))
+        ...     _ = net.bias.copy_(torch.tensor([-0.5, 0.5]))
+        >>> x, y = torch.tensor([[0.9, 0.5], [0.2, 0.5]]), torch.tensor([0, 1])
+        >>> report = assert_no_attack_inside_certificate(net, x, y, eps=[0.1, 0.35, 0.5], steps=10)
+        >>> [round(r, 6) for r in report["radius"].tolist()]  # the distances to x₁ = ½: tight
+        [0.4, 0.3]
+        >>> report["certified_acc"], report["attack_acc"]
+        ([1.0, 0.5, 0.0], [1.0, 0.5, 0.0])
     """
     from .certify import certified_radius, lipschitz_upper_bound
 
     _check_pixels(x, y)
-    grid = (
-        []
-        if eps is None
-        else [_check_eps(e) for e in ([eps] if isinstance(eps, (int, float)) else list(eps))]
-    )
+    grid = [] if eps is None else [eps] if isinstance(eps, (int, float)) else list(eps)
+    grid = [_check_eps(e) for e in grid]
     if not 0 <= slack < 1:
         raise ValueError(f"slack must lie in [0, 1), got {slack!r}")
     g = _PixelModel(model, x.shape[1:], normalization, x)
@@ -504,12 +463,9 @@ def assert_no_attack_inside_certificate(
     order = float("inf") if norm == "linf" else 2.0
     try:
         with torch.no_grad():
-            radius = torch.cat(
-                [
-                    certified_radius(g(xb), yb, lipschitz, norm).to(torch.float64)
-                    for xb, yb in zip(x.split(batch_size), y.split(batch_size))
-                ]
-            )
+            parts = zip(x.split(batch_size), y.split(batch_size))
+            radius = torch.cat([certified_radius(g(a), b, lipschitz, norm) for a, b in parts])
+            radius = radius.to(torch.float64)
         safe = radius * (1 - slack)
 
         def flipped(x_adv: Tensor, idx: Tensor) -> Tensor:
@@ -534,15 +490,8 @@ def assert_no_attack_inside_certificate(
         if per_point_steps:
             idx = (radius > 0).nonzero().flatten()
             for part in idx.split(batch_size):
-                x_adv = pgd(
-                    g,
-                    x[part],
-                    y[part],
-                    safe[part].to(x.dtype),
-                    norm=norm,
-                    steps=per_point_steps,
-                    clamp=(0.0, 1.0),
-                )
+                x_adv = pgd(g, x[part], y[part], safe[part].to(x.dtype), norm=norm,
+                            steps=per_point_steps, clamp=(0.0, 1.0))
                 check("PGD at each point's radius", x_adv, part, torch.zeros_like(safe[part]))
         certified, robust = [], []
         for e in grid:
@@ -560,11 +509,5 @@ def assert_no_attack_inside_certificate(
             robust.append(float(survived.to(torch.float64).mean()))
     finally:
         model.train(was_training)
-    return {
-        "n": len(x),
-        "lipschitz": float(lipschitz),
-        "radius": radius,
-        "eps": grid,
-        "certified_acc": certified,
-        "attack_acc": robust,
-    }
+    return {"n": len(x), "lipschitz": float(lipschitz), "radius": radius, "eps": grid,
+            "certified_acc": certified, "attack_acc": robust}
