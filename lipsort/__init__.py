@@ -58,3 +58,7 @@ def __getattr__(name: str):
     if name in _LAZY:
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# The training engine and its parts (checkpoints, schedules, data parallelism).
+_LAZY += ("training", "checkpoint", "schedules", "parallel")

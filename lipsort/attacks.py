@@ -214,3 +214,300 @@ def pgd(
                     direction = g / _bcast(_flat_norm(g, 2).clamp_min(torch.finfo(g.dtype).tiny), g)
                 delta = feasible(delta + _bcast(alpha, x) * direction)
     return best_x.detach()
+
+
+# --------------------------------------------------------------------------- torchattacks
+
+__all__ += [
+    "A9_PGD",
+    "BCOP_PGD_MNIST",
+    "CertificateViolation",
+    "assert_no_attack_inside_certificate",
+    "fgsm",
+    "pgd_l2",
+    "pgd_linf",
+    "pgd_training_transform",
+]
+
+#: Anil et al. (2019), A9 (LNets ``train_pgd.py``, ``manual_pgd``): ℓ∞, ε 0.3, 40 steps of 0.01.
+A9_PGD = {"eps": 0.3, "steps": 40, "step_size": 0.01}
+#: Li et al. (2019), BCOP MNIST evaluation: ℓ2, ε 1.58, 200 steps of 0.01, random start.
+BCOP_PGD_MNIST = {"eps": 1.58, "steps": 200, "step_size": 0.01}
+
+
+class CertificateViolation(AssertionError):
+    """An attack changed a prediction inside its certified radius: the Lipschitz bound is wrong."""
+
+
+class _PixelModel(nn.Module):
+    """``model((x − μ)/σ)`` for pixel inputs ``x`` given in any shape with ``N·D`` entries."""
+
+    def __init__(self, model: nn.Module, shape: torch.Size, normalization, like: Tensor):
+        super().__init__()
+        self.model, self.shape = model, tuple(shape)
+        self.mean = self.std = None
+        if normalization is not None:
+            mean, std = (
+                torch.as_tensor(v, dtype=like.dtype, device=like.device) for v in normalization
+            )
+            if not bool((std > 0).all()):
+                raise ValueError("normalization std must be positive")
+            self.mean, self.std = mean, std
+
+    def forward(self, u: Tensor) -> Tensor:
+        x = u.reshape((u.shape[0],) + self.shape)
+        if self.mean is not None:
+            x = (x - self.mean) / self.std
+        return self.model(x)
+
+
+def _check_eps(eps, name: str = "eps") -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < float("inf"):
+        raise ValueError(f"{name} must be a finite non-negative number, got {eps!r}")
+    return float(eps)
+
+
+def _check_pixels(x: Tensor, y: Tensor) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2:
+        raise TypeError("x must be a floating-point tensor of shape (N, ...)")
+    if x.numel() and (float(x.min()) < 0 or float(x.max()) > 1):
+        raise ValueError(
+            f"torchattacks attacks pixel inputs in [0, 1], got values in [{float(x.min()):.4g}, "
+            f"{float(x.max()):.4g}]; for a model that expects normalized inputs, pass the pixels "
+            "and normalization=(mean, std)"
+        )
+    if not isinstance(y, torch.Tensor) or y.shape != (x.shape[0],) or y.is_floating_point():
+        raise ValueError(f"y must hold {x.shape[0]} integer class indices")
+
+
+def _torchattack(cls_name: str, model, x, y, normalization, **kwargs) -> Tensor:
+    import torchattacks  # lazily: the library core imports only torch and numpy
+
+    _check_pixels(x, y)
+    wrapped = _PixelModel(model, x.shape[1:], normalization, x)
+    attack = getattr(torchattacks, cls_name)(wrapped, **kwargs)
+    attack.set_device(x.device)
+    # torchattacks' ℓ2 steps view perturbations as (N, 1, 1, 1)-scaled images: flatten each
+    # input to (1, 1, D) (norms are unchanged), and reshape back inside the wrapped model.
+    flat = x.detach().reshape(x.shape[0], 1, 1, -1)
+    return attack(flat, y).reshape(x.shape).detach()
+
+
+def pgd_linf(model, x, y, eps: float = 0.3, steps: int = 40, step_size: float = 0.01,
+             random_start: bool = True, normalization=None) -> Tensor:
+    r"""ℓ∞ PGD of ``torchattacks`` (Madry et al., 2018): ascent on the cross-entropy,
+    :math:`x \leftarrow \Pi(x + \alpha\,\mathrm{sign}\,\nabla_x)` in
+    :math:`\{\|x - x_0\|_\infty \le \varepsilon\} \cap [0, 1]^D`; defaults are :data:`A9_PGD`.
+
+    ``x`` holds pixels in [0, 1] of any shape ``(N, ...)`` (ε is in pixel units); a model that
+    expects ``(x − μ)/σ`` gets ``normalization=(μ, σ)`` (floats or tensors broadcastable to one
+    input). Random starts draw from torch's global generator. Returns the adversarial pixels.
+
+    Example:
+        >>> net = nn.Linear(4, 3)
+        >>> x, y = torch.rand(5, 4), torch.randint(0, 3, (5,))
+        >>> bool(((pgd_linf(net, x, y, eps=0.1) - x).abs().max() <= 0.1 + 1e-6))
+        True
+    """
+    return _torchattack("PGD", model, x, y, normalization, eps=_check_eps(eps),
+                        alpha=_check_eps(step_size, "step_size"), steps=_check_steps(steps),
+                        random_start=random_start)
+
+
+def pgd_l2(model, x, y, eps: float = 1.58, steps: int = 200, step_size: float = 0.01,
+           random_start: bool = True, normalization=None) -> Tensor:
+    r"""ℓ2 PGD of ``torchattacks``: normalized-gradient steps projected onto
+    :math:`\{\|x - x_0\|_2 \le \varepsilon\} \cap [0, 1]^D`; defaults are :data:`BCOP_PGD_MNIST`.
+    Inputs as in :func:`pgd_linf`.
+
+    Example:
+        >>> net = nn.Linear(4, 3)
+        >>> x, y = torch.rand(5, 4), torch.randint(0, 3, (5,))
+        >>> bool(((pgd_l2(net, x, y, eps=0.1, steps=5) - x).norm(dim=1).max() <= 0.1 + 1e-6))
+        True
+    """
+    return _torchattack("PGDL2", model, x, y, normalization, eps=_check_eps(eps),
+                        alpha=_check_eps(step_size, "step_size"), steps=_check_steps(steps),
+                        random_start=random_start)
+
+
+def fgsm(model, x, y, eps: float = 0.3, normalization=None) -> Tensor:
+    r"""FGSM of ``torchattacks`` (Goodfellow et al., 2015): one step
+    :math:`x_0 + \varepsilon\,\mathrm{sign}\,\nabla_x \mathrm{CE}`, clipped to [0, 1].
+    Inputs as in :func:`pgd_linf`."""
+    return _torchattack("FGSM", model, x, y, normalization, eps=_check_eps(eps))
+
+
+def _check_steps(steps) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    return steps
+
+
+def pgd_training_transform(eps: float = 0.3, steps: int = 40, step_size: float = 0.01,
+                           norm: str = "linf", loss: str = "margin",
+                           clamp: tuple[float, float] | None = (0.0, 1.0)):
+    r"""A batch transform for adversarial training (Madry et al., 2018): ``fit(...,
+    input_transform=pgd_training_transform())`` trains on PGD inputs instead of clean ones.
+
+    The defaults are the A9 baseline of Anil et al. (``manual_pgd(eps=0.3, iters=40)``: ℓ∞,
+    steps of 0.01 from a uniform random start, inputs clamped to [0, 1], ascent on the margin
+    — their ``cw_loss``). It runs :func:`pgd` in eval mode (restoring the mode after); the
+    random start uses torch's global generator, which training checkpoints save.
+
+    Example:
+        >>> net = nn.Linear(4, 3)
+        >>> x, y = torch.rand(6, 4), torch.randint(0, 3, (6,))
+        >>> x_adv = pgd_training_transform(eps=0.1, steps=3)(net, x, y)
+        >>> bool((x_adv - x).abs().max() <= 0.1), net.training
+        (True, True)
+    """
+    eps, step_size, steps = _check_eps(eps), _check_eps(step_size, "step_size"), _check_steps(steps)
+
+    def transform(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        was_training = model.training
+        model.eval()
+        try:
+            return pgd(
+                model,
+                x,
+                y,
+                eps,
+                norm=norm,
+                steps=steps,
+                step_size=step_size,
+                loss=loss,
+                clamp=clamp,
+            )
+        finally:
+            model.train(was_training)
+
+    return transform
+
+
+def _attacks_at(model, g, x, y, eps: float, norm: str, steps: int, normalization):
+    """(name, adversarial inputs) of every attack of the ε-grid check, one after the other."""
+    alpha = 2.5 * eps / steps
+    attack = pgd_linf if norm == "linf" else pgd_l2
+    yield (
+        f"torchattacks PGD {norm} at eps={eps}",
+        attack(model, x, y, eps, steps, alpha, True, normalization),
+    )
+    if norm == "linf":
+        yield f"torchattacks FGSM at eps={eps}", fgsm(model, x, y, eps, normalization)
+    yield (
+        f"lipsort pgd {norm} at eps={eps}",
+        pgd(g, x, y, eps, norm=norm, steps=steps, clamp=(0.0, 1.0)),
+    )
+
+
+def assert_no_attack_inside_certificate(
+    model: nn.Module, x: Tensor, y: Tensor, lipschitz: float | Tensor | None = None,
+    norm: str = "linf", eps=None, steps: int = 40, per_point_steps: int = 100,
+    normalization=None, slack: float = 1e-3, batch_size: int = 500,
+) -> dict:
+    r"""Attack every certified point inside its certificate and raise if one is flipped.
+
+    The map attacked is :math:`g(x) = f((x - \mu)/\sigma)` on pixels ``x`` in [0, 1] (``f`` =
+    ``model``; :math:`\mu, \sigma` = ``normalization`` if given), whose constant ``L`` is
+    ``lipschitz`` if given, else ``lipschitz_upper_bound(model, norm) / min σ`` (a
+    normalization multiplies the constant by :math:`1/\sigma`). Certified radii
+    :math:`r_i` come from :func:`lipsort.certify.certified_radius`. Two checks:
+
+    * per point (``per_point_steps > 0``): :func:`pgd` (margin loss) at each certified
+      point's own radius :math:`(1 - \text{slack})\,r_i`;
+    * for each ``eps`` (a float or a grid): ``torchattacks`` PGD in ``norm`` (``steps``
+      steps of :math:`2.5\varepsilon/\text{steps}`, random start), FGSM (ℓ∞) and :func:`pgd` at
+      ε, on every correctly classified point; those with :math:`(1-\text{slack})\,r_i > \varepsilon`
+      must all resist.
+
+    ``slack`` keeps float32 rounding of the margins from counting as a violation; any real
+    error of the bound (a missing √2 or σ) is far larger.
+
+    Returns:
+        ``{"n", "lipschitz", "radius"`` (float64, per point), ``"eps"``, ``"certified_acc"``
+        (radius > ε), ``"attack_acc"`` (correct and no attack succeeded)``}``: the lower and
+        upper bounds of robust accuracy at each ε.
+
+    Raises:
+        CertificateViolation: an attack flipped a certified point; the message names the
+            attack, the sample, its radius and the perturbation's norm.
+        ValueError: bad ``eps``, ``slack`` or pixels outside [0, 1].
+
+    Example:
+        >>> net = nn.Linear(2, 2)  # logits (x₁ − ½, ½ − x₁): ‖W‖∞ = 1, margins 2|x₁ − ½|
+        >>> with torch.no_grad():
+        ...     _ = net.weight.copy_(torch.tensor([[1.0, 0.0], [-1.0, 0.0]]))
+        ...     _ = net.bias.copy_(torch.tensor([-0.5, 0.5]))
+        >>> x, y = torch.tensor([[0.9, 0.5], [0.2, 0.5]]), torch.tensor([0, 1])
+        >>> report = assert_no_attack_inside_certificate(net, x, y, eps=[0.1, 0.35, 0.5], steps=10)
+        >>> [round(r, 6) for r in report["radius"].tolist()]  # the distances to x₁ = ½: tight
+        [0.4, 0.3]
+        >>> report["certified_acc"], report["attack_acc"]
+        ([1.0, 0.5, 0.0], [1.0, 0.5, 0.0])
+    """
+    from .certify import certified_radius, lipschitz_upper_bound
+
+    _check_pixels(x, y)
+    grid = [] if eps is None else [eps] if isinstance(eps, (int, float)) else list(eps)
+    grid = [_check_eps(e) for e in grid]
+    if not 0 <= slack < 1:
+        raise ValueError(f"slack must lie in [0, 1), got {slack!r}")
+    g = _PixelModel(model, x.shape[1:], normalization, x)
+    if lipschitz is None:
+        lipschitz = float(lipschitz_upper_bound(model, norm))
+        if g.std is not None:
+            lipschitz /= float(g.std.min())
+    was_training = model.training
+    model.eval()
+    order = float("inf") if norm == "linf" else 2.0
+    try:
+        with torch.no_grad():
+            parts = zip(x.split(batch_size), y.split(batch_size))
+            radius = torch.cat([certified_radius(g(a), b, lipschitz, norm) for a, b in parts])
+            radius = radius.to(torch.float64)
+        safe = radius * (1 - slack)
+
+        def flipped(x_adv: Tensor, idx: Tensor) -> Tensor:
+            with torch.no_grad():
+                return margins(g(x_adv), y[idx]) <= 0
+
+        def check(name: str, x_adv: Tensor, idx: Tensor, at: Tensor) -> Tensor:
+            bad = flipped(x_adv, idx)
+            dist = _flat_norm((x_adv - x[idx]).to(torch.float64), order)
+            inside = bad & (dist < safe[idx]) & (at < safe[idx])
+            if bool(inside.any()):
+                k = int(inside.nonzero()[0])
+                raise CertificateViolation(
+                    f"{name} flipped {int(inside.sum())} certified point(s); e.g. sample "
+                    f"{int(idx[k])}: certified radius {float(radius[idx[k]]):.6g} ({norm}, L = "
+                    f"{lipschitz:.6g}) but the input at distance {float(dist[k]):.6g} is "
+                    f"misclassified. The Lipschitz bound does not hold for this model (an "
+                    f"unbounded layer, an input normalization not divided out?)"
+                )
+            return bad
+
+        if per_point_steps:
+            idx = (radius > 0).nonzero().flatten()
+            for part in idx.split(batch_size):
+                x_adv = pgd(g, x[part], y[part], safe[part].to(x.dtype), norm=norm,
+                            steps=per_point_steps, clamp=(0.0, 1.0))
+                check("PGD at each point's radius", x_adv, part, torch.zeros_like(safe[part]))
+        certified, robust = [], []
+        for e in grid:
+            idx = (radius > 0).nonzero().flatten()
+            survived = torch.zeros(len(x), dtype=torch.bool)
+            for part in idx.split(batch_size):
+                at = torch.full((len(part),), e, dtype=torch.float64, device=radius.device)
+                ok = torch.ones(len(part), dtype=torch.bool)
+                xs, ys = x[part], y[part]
+                if e > 0:
+                    for name, x_adv in _attacks_at(model, g, xs, ys, e, norm, steps, normalization):
+                        ok &= ~check(name, x_adv, part, at).cpu()
+                survived[part.cpu()] = ok
+            certified.append(float((radius > e).to(torch.float64).mean()))
+            robust.append(float(survived.to(torch.float64).mean()))
+    finally:
+        model.train(was_training)
+    return {"n": len(x), "lipschitz": float(lipschitz), "radius": radius, "eps": grid,
+            "certified_acc": certified, "attack_acc": robust}

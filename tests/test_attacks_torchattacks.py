@@ -1,0 +1,211 @@
+"""torchattacks wrappers and the certificate check: attacks never beat a certificate on a
+Lipschitz net, do beat an unconstrained one, and catch a wrong Lipschitz constant."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lipsort.attacks import (
+    A9_PGD,
+    BCOP_PGD_MNIST,
+    CertificateViolation,
+    assert_no_attack_inside_certificate,
+    fgsm,
+    pgd,
+    pgd_l2,
+    pgd_linf,
+)
+from lipsort.certify import lipschitz_upper_bound
+from lipsort.data import loader
+from lipsort.losses import MarginLoss
+from lipsort.models import mlp
+from lipsort.parametrizations import project_linf_
+from lipsort.training import fit
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _clusters(n=192, d=8, seed=0):
+    """Three well-separated clusters in [0, 1]^d."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.tensor([[0.2] * d, [0.8] * d, [0.2] * (d // 2) + [0.8] * (d - d // 2)])
+    y = torch.randint(0, 3, (n,), generator=g)
+    x = (centers[y] + 0.05 * torch.randn(n, d, generator=g)).clamp(0, 1)
+    return x, y
+
+
+def _train(net, epochs=30, loss=None, after_step=None):
+    x, y = _clusters()
+    torch.manual_seed(0)
+    fit(
+        net,
+        lambda p: torch.optim.Adam(p, lr=1e-2),
+        loss or nn.CrossEntropyLoss(),
+        loader((x, y), 32),
+        epochs,
+        after_step=after_step,
+        progress=False,
+    )
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def bjorck_net():
+    torch.manual_seed(1)
+    net = mlp([8, 32, 32, 3], activation="maxmin", constraint="bjorck")
+    return _train(net, epochs=15, loss=MarginLoss(0.5))
+
+
+@pytest.fixture(scope="module")
+def linf_net():
+    torch.manual_seed(2)
+    net = mlp([8, 32, 32, 3], activation="maxmin", constraint=None)
+    project_linf_(net)
+    return _train(net, loss=MarginLoss(0.5), after_step=project_linf_)
+
+
+@pytest.fixture(scope="module")
+def relu_net():
+    torch.manual_seed(3)
+    return _train(mlp([8, 64, 64, 3], activation="relu", constraint=None))
+
+
+def _test_points():
+    return _clusters(n=96, seed=7)
+
+
+@pytest.mark.parametrize(("norm", "net_name"), [("l2", "bjorck_net"), ("linf", "linf_net")])
+def test_no_attack_inside_the_certificate(norm, net_name, request):
+    net = request.getfixturevalue(net_name)
+    x, y = _test_points()
+    grid = [0.0, 0.05, 0.1, 0.2, 0.4]
+    report = assert_no_attack_inside_certificate(net, x, y, norm=norm, eps=grid, steps=30)
+    assert report["lipschitz"] == pytest.approx(float(lipschitz_upper_bound(net, norm)))
+    cert, att = report["certified_acc"], report["attack_acc"]
+    assert cert[0] > 0.9 and cert[1] > 0.5  # the certificates are not vacuous
+    # certified ≤ robust ≤ attacked accuracy at every radius; both decrease with ε.
+    assert all(c <= a for c, a in zip(cert, att))
+    assert cert == sorted(cert, reverse=True) and att[0] == pytest.approx(cert[0])
+
+
+def test_attacks_succeed_on_an_unconstrained_net(relu_net):
+    x, y = _test_points()
+    clean = float((relu_net(x).argmax(1) == y).float().mean())
+    assert clean > 0.9
+    for attack, eps in ((pgd_linf, 0.4), (fgsm, 0.4), (pgd_l2, 1.5)):
+        torch.manual_seed(0)
+        x_adv = (
+            attack(relu_net, x, y, eps=eps)
+            if attack is fgsm
+            else attack(relu_net, x, y, eps=eps, steps=40, step_size=eps / 10)
+        )
+        acc = float((relu_net(x_adv).argmax(1) == y).float().mean())
+        assert acc < 0.5 * clean, attack.__name__
+    report = assert_no_attack_inside_certificate(relu_net, x, y, norm="linf", eps=[0.4], steps=30)
+    assert report["attack_acc"][0] < 0.5 * clean
+
+
+def test_a_wrong_constant_is_caught(linf_net):
+    """Claim a constant only 2 times too small: the check finds 'certified' points it flips."""
+    x, y = _test_points()
+    lip = float(lipschitz_upper_bound(linf_net, "linf"))
+    with pytest.raises(CertificateViolation, match="certified radius .* misclassified"):
+        assert_no_attack_inside_certificate(linf_net, x, y, lipschitz=lip / 2, norm="linf")
+
+
+def test_normalized_inputs():
+    """A model fed (x − μ)/σ: attacked in pixel space, its constant is L/σ; forgetting the 1/σ
+    (σ < 1 makes the true constant larger) is caught."""
+    mu, sigma = 0.5, 0.25
+    torch.manual_seed(4)
+    net = mlp([8, 32, 3], activation="maxmin", constraint="bjorck")
+    x, y = _clusters()
+    fit(
+        net,
+        lambda p: torch.optim.Adam(p, lr=1e-2),
+        MarginLoss(1.0),
+        loader(((x - mu) / sigma, y), 32),
+        20,
+        progress=False,
+    )
+    net.eval()
+    xt, yt = _test_points()
+    report = assert_no_attack_inside_certificate(
+        net, xt, yt, norm="l2", eps=[0.1], steps=20, normalization=(mu, sigma)
+    )
+    assert report["lipschitz"] == pytest.approx(float(lipschitz_upper_bound(net)) / sigma)
+    with pytest.raises(CertificateViolation):
+        assert_no_attack_inside_certificate(
+            net,
+            xt,
+            yt,
+            lipschitz=float(lipschitz_upper_bound(net)),
+            norm="l2",
+            normalization=(mu, sigma),
+        )
+    # Attacking with normalization=(μ, σ) is attacking the composed model.
+    composed = nn.Sequential(_Normalize(mu, sigma), net)
+    for attack in (pgd_linf, pgd_l2):
+        torch.manual_seed(5)
+        a = attack(net, xt, yt, eps=0.1, steps=5, normalization=(mu, sigma))
+        torch.manual_seed(5)
+        b = attack(composed, xt, yt, eps=0.1, steps=5)
+        assert torch.equal(a, b)
+
+
+class _Normalize(nn.Module):
+    def __init__(self, mu, sigma):
+        super().__init__()
+        self.mu, self.sigma = mu, sigma
+
+    def forward(self, x):
+        return (x - self.mu) / self.sigma
+
+
+def test_wrappers_stay_in_the_ball_and_keep_shapes():
+    torch.manual_seed(6)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 4))
+    x, y = torch.rand(10, 1, 4, 4, dtype=torch.float64), torch.randint(0, 4, (10,))
+    net = net.to(torch.float64)
+    for attack, norm, kwargs in (
+        (pgd_linf, "linf", A9_PGD),
+        (pgd_l2, "l2", {**BCOP_PGD_MNIST, "eps": 0.5, "steps": 20}),
+        (fgsm, "linf", {"eps": 0.3}),
+    ):
+        x_adv = attack(net, x, y, **kwargs)
+        assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
+        d = (x_adv - x).flatten(1)
+        size = d.abs().amax(1) if norm == "linf" else d.norm(dim=1)
+        assert bool((size <= kwargs["eps"] * (1 + 1e-12)).all()) and bool((size > 0).any())
+        assert 0 <= float(x_adv.min()) and float(x_adv.max()) <= 1
+    assert A9_PGD == {"eps": 0.3, "steps": 40, "step_size": 0.01}
+    assert BCOP_PGD_MNIST == {"eps": 1.58, "steps": 200, "step_size": 0.01}
+    # The library's own attack keeps working beside them.
+    x2 = pgd(net, x, y, 0.1, norm="l2", steps=5)
+    assert bool(((x2 - x).flatten(1).norm(dim=1) <= 0.1).all())
+
+
+def test_bad_input_names_the_problem():
+    net = nn.Linear(4, 3)
+    x, y = torch.rand(5, 4), torch.randint(0, 3, (5,))
+    for eps in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="eps must be a finite non-negative number"):
+            pgd_linf(net, x, y, eps=eps)
+        with pytest.raises(ValueError, match="eps must be a finite non-negative number"):
+            assert_no_attack_inside_certificate(net, x, y, eps=[0.1, eps])
+    with pytest.raises(ValueError, match=r"pixel inputs in \[0, 1\].*normalization"):
+        pgd_l2(net, x * 3 - 1, y, eps=0.1)
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        pgd_linf(net, x, y, steps=0)
+    with pytest.raises(ValueError, match="integer class indices"):
+        fgsm(net, x, y.float())
+    with pytest.raises(TypeError, match=r"layer Sequential\.1 of type .*Softplus"):
+        assert_no_attack_inside_certificate(nn.Sequential(nn.Linear(4, 3), nn.Softplus()), x, y)
