@@ -38,6 +38,7 @@ __all__ = [
     "spectral_normalized",
     "linf_projected",
     "frozen",
+    "register_frozen_export",
     "EvalCachedConstraint",
     "BjorckOrthonormal",
     "SpectralNormalized",
@@ -478,7 +479,9 @@ def frozen(model: nn.Module) -> nn.Module:
     so the copy holds plain ``nn.Parameter`` weights equal to the effective eval-mode weights
     (no Björck iterations or projections at inference, no dependence on a cache); each module's
     train/eval flag is then restored to the one it had. ``frozen(model)`` in eval mode gives the
-    same outputs as ``model.eval()``; ``model`` itself is not modified.
+    same outputs as ``model.eval()``; ``model`` itself is not modified. Layers of a type
+    registered with :func:`register_frozen_export` (the convolutions of :mod:`lipsort.conv`)
+    are replaced by the plain layer their exporter returns.
 
     Example:
         >>> _ = torch.manual_seed(0)
@@ -506,6 +509,52 @@ def frozen(model: nn.Module) -> nn.Module:
             m.__class__ = type(cls.__name__, cls.__bases__, namespace)
             for name in list(m.parametrizations.keys()):
                 parametrize.remove_parametrizations(m, name, leave_parametrized=True)
+    clone = _export_registered(clone, dict(modes))
     for m, mode in modes:
         m.training = mode
     return clone
+
+
+# --------------------------------------------------------------------------- export hooks
+
+_FROZEN_EXPORTS: dict[type, object] = {}
+
+
+def register_frozen_export(cls: type, fn) -> None:
+    """Teach :func:`frozen` to replace layers of type ``cls`` by ``fn(layer)``.
+
+    ``fn`` receives the layer (a copy, in eval mode) and returns a plain module with the same
+    eval-mode outputs, e.g. an ``nn.Conv2d``; it gets the layer's train/eval flag. Matching is
+    on the exact class, as in :func:`lipsort.certify.register_lipschitz_bound`.
+
+    Example:
+        >>> class Double(nn.Module):
+        ...     def forward(self, x):
+        ...         return 2 * x
+        >>> def export(layer):
+        ...     lin = nn.Linear(1, 1, bias=False)
+        ...     _ = nn.init.constant_(lin.weight, 2.0)
+        ...     return lin
+        >>> register_frozen_export(Double, export)
+        >>> frozen(nn.Sequential(Double()))
+        Sequential(
+          (0): Linear(in_features=1, out_features=1, bias=False)
+        )
+    """
+    if not isinstance(cls, type) or not issubclass(cls, nn.Module):
+        raise TypeError(f"cls must be an nn.Module subclass, got {cls!r}")
+    if not callable(fn):
+        raise TypeError(f"fn must be callable as fn(layer), got {fn!r}")
+    _FROZEN_EXPORTS[cls] = fn
+
+
+def _export_registered(module: nn.Module, modes: dict) -> nn.Module:
+    fn = _FROZEN_EXPORTS.get(type(module))
+    if fn is not None:
+        return fn(module).train(modes.get(module, module.training))
+    for name, child in list(module._modules.items()):
+        if child is not None:
+            new = _export_registered(child, modes)
+            if new is not child:
+                module._modules[name] = new
+    return module
