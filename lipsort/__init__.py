@@ -60,5 +60,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-# The training engine and its parts (checkpoints, schedules, data parallelism).
-_LAZY += ("training", "checkpoint", "schedules", "parallel")
+# The training engine (lipsort.training) and the orthogonal convolutions (lipsort.conv).
+_LAZY += ("training", "conv")

@@ -183,7 +183,8 @@ def certified_accuracy(
             f"eps must be a float or a 1-D sequence of radii, got shape {tuple(e.shape)}"
         )
     if bool((e < 0).any()) or bool(torch.isnan(e).any()):
-        raise ValueError("eps must be non-negative")
+        bad = e[(e < 0) | torch.isnan(e)].tolist()
+        raise ValueError(f"eps must be a non-negative radius (not NaN), got {bad}")
     acc = (radius[None, :] > e.reshape(-1, 1)).to(radius.dtype).mean(1)
     return float(acc[0]) if scalar else acc
 

@@ -1,5 +1,6 @@
 r"""Aggregated momentum (AggMo; Lucas, Sun, Zemel, Grosse, ICLR 2019), the optimizer of
-Anil et al. (2019) for their Wasserstein and robustness experiments.
+Anil et al. (2019) for their Wasserstein and robustness experiments, and the projected-gradient
+step of their ℓ∞-constrained networks (:func:`project_linf_`).
 
 AggMo keeps ``K`` heavy-ball velocities with different damping factors
 :math:`\beta_1, \dots, \beta_K` and steps along their average:
@@ -34,7 +35,71 @@ Example:
 
 from __future__ import annotations
 
-import torch  # noqa: F401  (used by the doctest)
+import torch
 from pytorch_optimizer import AggMo
+from torch import nn
+from torch.nn.utils import parametrize
 
-__all__ = ["AggMo"]
+from . import functional as F
+from ._checks import check_positive
+
+__all__ = ["AggMo", "project_linf_"]
+def project_linf_(model: nn.Module, radius: float = 1.0) -> int:
+    r"""Project the rows of every plain ``nn.Linear`` weight onto the ℓ1 ball, in place.
+
+    The ℓ∞ method of Anil et al. (2019) for their provably robust MNIST nets (cemanil/LNets,
+    ``per_update_proj``): *projected gradient descent*, one projection after every optimizer
+    update (``fit(..., after_step=project_linf_)``), so that after every step
+
+    .. math:: \|W\|_\infty = \max_i \|w_i\|_1 \le r, \qquad
+              w_i \leftarrow \arg\min_{\|w\|_1 \le r} \|w - w_i\|_2
+
+    (:func:`lipsort.functional.project_rows_l1`). :func:`lipsort.parametrizations.linf_projected` differs: it keeps a
+    free weight and differentiates *through* the projection at every forward pass. Here the
+    forward pass is a plain linear map and the constraint costs one projection per step.
+
+    Rows already inside the ball are unchanged. The row sums are checked in float64 — as
+    :func:`lipsort.certify.lipschitz_upper_bound` measures them — and a row a rounding error
+    above ``r`` is shrunk by a few ulps, so every layer's bound is at most ``r`` exactly.
+    Parametrized ``nn.Linear`` layers are skipped: their constraint is their parametrization's.
+
+    Args:
+        model: a module holding ``nn.Linear`` layers (itself one, or any container).
+        radius: the bound ``r > 0`` on every row's ℓ1 norm.
+
+    Returns:
+        The number of layers projected.
+
+    Raises:
+        ValueError: a non-positive or non-finite ``radius``, or no plain ``nn.Linear`` in
+            ``model`` (projecting nothing would leave the model unconstrained unnoticed).
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> project_linf_(net)
+        2
+        >>> [bool(m.weight.abs().sum(1).max() <= 1) for m in (net[0], net[2])]
+        [True, True]
+    """
+    r = check_positive(radius, "radius")
+    layers = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.Linear) and not parametrize.is_parametrized(m, "weight")
+    ]
+    if not layers:
+        raise ValueError(
+            f"project_linf_ found no unparametrized nn.Linear in {type(model).__name__}; layers "
+            "with a parametrization (e.g. linf_projected) are constrained already"
+        )
+    with torch.no_grad():
+        for m in layers:
+            w = F.project_rows_l1(m.weight, r)
+            for k in range(8):
+                over = w.to(torch.float64).abs().sum(-1, keepdim=True) > r
+                if not bool(over.any()):
+                    break
+                w = torch.where(over, w * (1 - torch.finfo(w.dtype).eps * 2 ** (k + 1)), w)
+            m.weight.copy_(w)
+    return len(layers)

@@ -37,6 +37,7 @@ __all__ = [
     "spectral_normalized",
     "linf_projected",
     "frozen",
+    "register_frozen_export",
     "EvalCachedConstraint",
     "BjorckOrthonormal",
     "SpectralNormalized",
@@ -454,7 +455,9 @@ def frozen(model: nn.Module) -> nn.Module:
     so the copy holds plain ``nn.Parameter`` weights equal to the effective eval-mode weights
     (no Björck iterations or projections at inference, no dependence on a cache); each module's
     train/eval flag is then restored to the one it had. ``frozen(model)`` in eval mode gives the
-    same outputs as ``model.eval()``; ``model`` itself is not modified.
+    same outputs as ``model.eval()``; ``model`` itself is not modified. Layers of a type
+    registered with :func:`register_frozen_export` (the convolutions of :mod:`lipsort.conv`)
+    are replaced by the plain layer their exporter returns.
 
     Example:
         >>> _ = torch.manual_seed(0)
@@ -482,72 +485,52 @@ def frozen(model: nn.Module) -> nn.Module:
             m.__class__ = type(cls.__name__, cls.__bases__, namespace)
             for name in list(m.parametrizations.keys()):
                 parametrize.remove_parametrizations(m, name, leave_parametrized=True)
+    clone = _export_registered(clone, dict(modes))
     for m, mode in modes:
         m.training = mode
     return clone
 
 
-# --------------------------------------------------------------------------- L∞, projected gradient
+# --------------------------------------------------------------------------- export hooks
 
-__all__ += ["project_linf_"]
+_FROZEN_EXPORTS: dict[type, object] = {}
 
 
-def project_linf_(model: nn.Module, radius: float = 1.0) -> int:
-    r"""Project the rows of every plain ``nn.Linear`` weight onto the ℓ1 ball, in place.
+def register_frozen_export(cls: type, fn) -> None:
+    """Teach :func:`frozen` to replace layers of type ``cls`` by ``fn(layer)``.
 
-    The ℓ∞ method of Anil et al. (2019) for their provably robust MNIST nets (cemanil/LNets,
-    ``per_update_proj``): *projected gradient descent*, one projection after every optimizer
-    update (``fit(..., after_step=project_linf_)``), so that after every step
-
-    .. math:: \|W\|_\infty = \max_i \|w_i\|_1 \le r, \qquad
-              w_i \leftarrow \arg\min_{\|w\|_1 \le r} \|w - w_i\|_2
-
-    (:func:`lipsort.functional.project_rows_l1`). :func:`linf_projected` differs: it keeps a
-    free weight and differentiates *through* the projection at every forward pass. Here the
-    forward pass is a plain linear map and the constraint costs one projection per step.
-
-    Rows already inside the ball are unchanged. The row sums are checked in float64 — as
-    :func:`lipsort.certify.lipschitz_upper_bound` measures them — and a row a rounding error
-    above ``r`` is shrunk by a few ulps, so every layer's bound is at most ``r`` exactly.
-    Parametrized ``nn.Linear`` layers are skipped: their constraint is their parametrization's.
-
-    Args:
-        model: a module holding ``nn.Linear`` layers (itself one, or any container).
-        radius: the bound ``r > 0`` on every row's ℓ1 norm.
-
-    Returns:
-        The number of layers projected.
-
-    Raises:
-        ValueError: a non-positive or non-finite ``radius``, or no plain ``nn.Linear`` in
-            ``model`` (projecting nothing would leave the model unconstrained unnoticed).
+    ``fn`` receives the layer (a copy, in eval mode) and returns a plain module with the same
+    eval-mode outputs, e.g. an ``nn.Conv2d``; it gets the layer's train/eval flag. Matching is
+    on the exact class, as in :func:`lipsort.certify.register_lipschitz_bound`.
 
     Example:
-        >>> _ = torch.manual_seed(0)
-        >>> net = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 2))
-        >>> project_linf_(net)
-        2
-        >>> [bool(m.weight.abs().sum(1).max() <= 1) for m in (net[0], net[2])]
-        [True, True]
-    """
-    r = _check_radius(radius)
-    layers = [
-        m
-        for m in model.modules()
-        if isinstance(m, nn.Linear) and not parametrize.is_parametrized(m, "weight")
-    ]
-    if not layers:
-        raise ValueError(
-            f"project_linf_ found no unparametrized nn.Linear in {type(model).__name__}; layers "
-            "with a parametrization (e.g. linf_projected) are constrained already"
+        >>> class Double(nn.Module):
+        ...     def forward(self, x):
+        ...         return 2 * x
+        >>> def export(layer):
+        ...     lin = nn.Linear(1, 1, bias=False)
+        ...     _ = nn.init.constant_(lin.weight, 2.0)
+        ...     return lin
+        >>> register_frozen_export(Double, export)
+        >>> frozen(nn.Sequential(Double()))
+        Sequential(
+          (0): Linear(in_features=1, out_features=1, bias=False)
         )
-    with torch.no_grad():
-        for m in layers:
-            w = F.project_rows_l1(m.weight, r)
-            for k in range(8):
-                over = w.to(torch.float64).abs().sum(-1, keepdim=True) > r
-                if not bool(over.any()):
-                    break
-                w = torch.where(over, w * (1 - torch.finfo(w.dtype).eps * 2 ** (k + 1)), w)
-            m.weight.copy_(w)
-    return len(layers)
+    """
+    if not isinstance(cls, type) or not issubclass(cls, nn.Module):
+        raise TypeError(f"cls must be an nn.Module subclass, got {cls!r}")
+    if not callable(fn):
+        raise TypeError(f"fn must be callable as fn(layer), got {fn!r}")
+    _FROZEN_EXPORTS[cls] = fn
+
+
+def _export_registered(module: nn.Module, modes: dict) -> nn.Module:
+    fn = _FROZEN_EXPORTS.get(type(module))
+    if fn is not None:
+        return fn(module).train(modes.get(module, module.training))
+    for name, child in list(module._modules.items()):
+        if child is not None:
+            new = _export_registered(child, modes)
+            if new is not child:
+                module._modules[name] = new
+    return module

@@ -21,7 +21,7 @@ from lipsort.certify import lipschitz_upper_bound
 from lipsort.data import loader
 from lipsort.losses import MarginLoss
 from lipsort.models import mlp
-from lipsort.parametrizations import project_linf_
+from lipsort.optim import project_linf_
 from lipsort.training import fit
 
 

@@ -18,12 +18,13 @@ import pytest
 import torch
 from torch import nn
 
-from lipsort import checkpoint as ckpt
+from lipsort.training import checkpoint as ckpt
 from lipsort.attacks import pgd_training_transform
 from lipsort.certify import certified_accuracy, lipschitz_upper_bound
 from lipsort.data import loader
 from lipsort.models import mlp
-from lipsort.parametrizations import linf_projected, project_linf_
+from lipsort.optim import project_linf_
+from lipsort.parametrizations import linf_projected
 from lipsort.training import ANIL_SCHEDULE, BCOP_SCHEDULE, Schedule, evaluate, fit
 
 D = torch.float64

@@ -4,7 +4,7 @@ r"""The training engine every chapter uses: epochs, the papers' schedules, evalu
 (:func:`lipsort.data.loader`), steps a learning-rate :class:`Schedule` once per epoch,
 evaluates after every epoch (loss, accuracy and, given radii, certified accuracy from
 :func:`lipsort.certify.lipschitz_upper_bound`), and writes a checkpoint after every epoch
-(:mod:`lipsort.checkpoint`: atomic, ``weights_only``-loadable). The checkpoint holds the model,
+(:mod:`lipsort.training.checkpoint`: atomic, ``weights_only``-loadable). The checkpoint holds the model,
 the optimizer, the scheduler, the history and the state of every random generator —
 torch's, NumPy's, Python's and the loaders' — so a run interrupted at any point and started
 again with the same arguments continues from its last epoch and ends with *the same weights,
@@ -14,7 +14,7 @@ returned as it is, without training.
 
 Hooks cover the papers' variants: ``after_step`` runs after every optimizer update (the
 projected gradient method of Anil et al. for ℓ∞ nets:
-:func:`lipsort.parametrizations.project_linf_`), ``input_transform`` replaces each batch's
+:func:`lipsort.optim.project_linf_`), ``input_transform`` replaces each batch's
 inputs (adversarial training: :func:`lipsort.attacks.pgd_training_transform`), ``step_loss``
 computes the loss of a whole batch (e.g. a Wasserstein critic fed two samples).
 
@@ -54,7 +54,7 @@ from torch import Tensor, nn
 
 from . import checkpoint as ckpt
 from . import parallel
-from .certify import certified_radius, lipschitz_upper_bound, margins
+from ..certify import certified_radius, lipschitz_upper_bound, margins
 from .parallel import init_distributed, shard
 from .schedules import ANIL_SCHEDULE, BCOP_SCHEDULE, Schedule, schedule_id
 
