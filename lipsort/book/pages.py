@@ -243,8 +243,13 @@ def _short_commit(prov: dict) -> str:
     return commit[:10] + (" (dirty)" if prov.get("dirty") else "")
 
 
-def render_status(results: dict[str, dict[str, dict]]) -> str:
-    """The MyST page ``book/status.md``: what ran at each profile, where, with what, how long."""
+def render_status(results: dict[str, dict[str, dict]], estimates: dict | None = None) -> str:
+    """The MyST page ``book/status.md``: what ran at each profile, where, with what, how long.
+
+    ``estimates`` (``book/estimates.yml``: ``{profile: {slug: {minutes: m, basis: text}}}``)
+    gives the estimated wall time of the chapters not yet run at a profile.
+    """
+    estimates = estimates or {}
     lines = [
         "# Run status",
         "",
@@ -256,6 +261,16 @@ def render_status(results: dict[str, dict[str, dict]]) -> str:
     for profile in PROFILES:
         records = results.get(profile, {})
         lines += [f"## {profile.capitalize()} profile", ""]
+        pending = {k: v for k, v in (estimates.get(profile) or {}).items() if k not in records}
+        if pending:
+            lines += [
+                "Not run yet at this profile; estimated wall time on this machine (2 threads):",
+                "",
+                "| Chapter | Estimated (min) | Basis |",
+                "|---|---|---|",
+            ]
+            lines += [f"| {slug} | {e.get('minutes', '?')} | {_cell(e.get('basis', ''))} |" for slug, e in pending.items()]
+            lines.append("")
         if not records:
             lines += [f"No chapter has been run at the {profile} profile yet.", ""]
             continue
@@ -330,9 +345,15 @@ def write_pages(root: str | Path) -> list[Path]:
     claims = load_claims(book / "claims.yml", root / "notebooks")
     results = load_results(book / "results")
     extra = ["book/performance"] if (book / "performance.md").is_file() else []
+    est_path = book / "estimates.yml"
+    estimates = {}
+    if est_path.is_file():
+        import yaml
+
+        estimates = yaml.safe_load(est_path.read_text(encoding="utf-8")) or {}
     pages = {
         book / "reproduction.md": render_reproduction(claims, results),
-        book / "status.md": render_status(results),
+        book / "status.md": render_status(results, estimates),
         book / "_toc.yml": render_toc(discover(root / "notebooks"), extra),
     }
     for path, text in pages.items():
