@@ -11,9 +11,18 @@ A claim's ``profile`` says where it must hold: ``quick`` claims hold at the quic
 at the full one; ``full`` claims hold only at the full profile (at quick they are reported,
 not checked).
 
+A claim's ``source`` says where its reference value comes from: ``paper`` (a number the paper
+published; ``where`` then names the table, figure or section), ``exact`` (an analytic truth
+the paper states or uses, e.g. W1 = 1 for its toy problems), ``derived`` (a result this book
+proves or computes itself) or ``qualitative`` (a claim of the paper without a number). Every
+claim says in ``tolerance`` where its bound comes from (the theory, float rounding or measured
+seed-to-seed spread); ``deviation`` states, in one sentence, how the book's setting differs
+from the paper's, where it does.
+
 Example:
     >>> c = Claim(id="x", paper="anil2019", statement="s", published=1.0, source="exact",
-    ...           chapter="01_demo", key="w1", expect={"approx": 1.0, "tol": 0.01}, profile="quick")
+    ...           chapter="01_demo", key="w1", expect={"approx": 1.0, "tol": 0.01}, profile="quick",
+    ...           tolerance="seed spread")
     >>> c.holds(0.995), c.holds(1.02), c.expectation()
     (True, False, '1.000 ± 0.010')
 """
@@ -54,9 +63,9 @@ PROFILES = ("quick", "full")
 CLAIMS_ENV = "LIPSORT_CLAIMS"
 
 _REQUIRED = ("id", "paper", "statement", "published", "source", "chapter", "key", "expect", "profile")
-#: Optional one-sentence fields: where the paper published it (required for ``source: paper``),
-#: how the setting departs from the paper's, and where the tolerance comes from.
-_OPTIONAL = ("where", "deviation", "tolerance")
+#: Fields a claim may have (``where`` is required when ``source`` is ``paper``; the book's own
+#: ledger gives every claim a ``tolerance``, tests/test_ledger.py checks).
+_OPTIONAL = ("tolerance", "where", "deviation")
 _EXPECT_FORMS = ({"approx", "tol"}, {"min"}, {"max"}, {"min", "max"})
 
 
@@ -130,9 +139,9 @@ class Claim:
     key: str
     expect: dict = field(hash=False)
     profile: str
+    tolerance: str | None = None
     where: str | None = None
     deviation: str | None = None
-    tolerance: str | None = None
 
     @property
     def decimals(self) -> int:
@@ -184,11 +193,6 @@ def _check_entry(i: int, entry: Any, path: Path, notebooks_dir: Path) -> Claim:
     unknown = sorted(set(entry) - set(_REQUIRED) - set(_OPTIONAL))
     if unknown:
         raise ClaimsError(f"{where} has unknown field(s) {unknown}; allowed: {list(_REQUIRED + _OPTIONAL)}")
-    for k in _OPTIONAL:
-        if k in entry and (not isinstance(entry[k], str) or not entry[k].strip()):
-            raise ClaimsError(f"{where}: {k!r} must be a non-empty string, got {entry[k]!r}")
-    if entry["source"] == "paper" and "where" not in entry:
-        raise ClaimsError(f"{where}: a claim with source 'paper' must say where the paper published it ('where')")
     for k in ("id", "statement", "chapter", "key"):
         if not isinstance(entry[k], str) or not entry[k].strip():
             raise ClaimsError(f"{where}: {k!r} must be a non-empty string, got {entry[k]!r}")
@@ -196,6 +200,13 @@ def _check_entry(i: int, entry: Any, path: Path, notebooks_dir: Path) -> Claim:
         raise ClaimsError(f"{where}: paper {entry['paper']!r} is not one of {PAPERS}")
     if entry["source"] not in SOURCES:
         raise ClaimsError(f"{where}: source {entry['source']!r} is not one of {SOURCES}")
+    for k in _OPTIONAL:
+        if k in entry and (not isinstance(entry[k], str) or not entry[k].strip()):
+            raise ClaimsError(f"{where}: {k!r} must be a non-empty string when given, got {entry[k]!r}")
+    if entry["source"] == "paper" and "where" not in entry:
+        raise ClaimsError(
+            f"{where}: source 'paper' needs 'where' (the table, figure or section that publishes the number)"
+        )
     if entry["profile"] not in PROFILES:
         raise ClaimsError(f"{where}: profile {entry['profile']!r} is not one of {PROFILES}")
     if entry["published"] is not None and not _is_number(entry["published"]):
@@ -216,7 +227,7 @@ def _check_entry(i: int, entry: Any, path: Path, notebooks_dir: Path) -> Claim:
     notebook = notebooks_dir / f"{entry['chapter']}.md"
     if not notebook.is_file():
         raise ClaimsError(f"{where}: chapter {entry['chapter']!r} has no notebook (tried {notebook})")
-    return Claim(**{k: entry[k] for k in _REQUIRED + _OPTIONAL if k in entry})
+    return Claim(**{k: entry[k] for k in _REQUIRED}, **{k: entry[k] for k in _OPTIONAL if k in entry})
 
 
 def load_claims(path: str | Path | None = None, notebooks_dir: str | Path | None = None) -> list[Claim]:
@@ -232,8 +243,9 @@ def load_claims(path: str | Path | None = None, notebooks_dir: str | Path | None
 
     Raises:
         ClaimsError: missing file (naming the path tried), bad YAML, a non-list document,
-            a missing/unknown/ill-typed field, an unknown paper/source/profile, a malformed
-            ``expect``, a duplicate id or a chapter without ``notebooks/<chapter>.md``.
+            a missing/unknown/ill-typed field, an unknown paper/source/profile, a ``paper``
+            claim without ``where``, a malformed ``expect``, a duplicate id or a chapter
+            without ``notebooks/<chapter>.md``.
 
     Example:
         >>> import tempfile
@@ -242,7 +254,7 @@ def load_claims(path: str | Path | None = None, notebooks_dir: str | Path | None
         >>> _ = (root / "notebooks" / "01_demo.md").write_text("")
         >>> _ = (root / "book" / "claims.yml").write_text('''
         ... - {id: c1, paper: anil2019, statement: s, published: 1.0, source: exact,
-        ...    chapter: 01_demo, key: w1, expect: {min: 0.9}, profile: quick}
+        ...    chapter: 01_demo, key: w1, expect: {min: 0.9}, profile: quick, tolerance: theory}
         ... ''')
         >>> [c.id for c in load_claims(root / "book" / "claims.yml")]
         ['c1']

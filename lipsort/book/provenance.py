@@ -18,7 +18,7 @@ __all__ = ["git_state", "versions", "cpu_name", "machine", "now"]
 #: Distributions whose versions are recorded.
 PACKAGES = ("lipsort", "torch", "torchvision", "numpy", "papermill", "jupytext", "POT", "torchattacks")
 #: Generated files that do not make a checkout "dirty" (they are the runner's own output).
-GENERATED = ("book/results", "book/reproduction.md", "book/status.md", "book/_toc.yml", "tests/golden")
+GENERATED = ("book/results", "book/chapters", "book/reproduction.md", "book/status.md", "book/_toc.yml", "tests/golden")
 
 
 def _git(root: Path, *args: str) -> str | None:

@@ -8,6 +8,7 @@ Usage::
     python -m lipsort.reproduce --profile quick --output tests/golden   # nbval references
     python -m lipsort.reproduce --render-only                   # regenerate the pages only
     python -m lipsort.reproduce --profile full --check          # validate, run nothing
+    python -m lipsort.reproduce --profile full -p steps=600 02_groupsort_universality  # partial
 
 Each chapter ``notebooks/NN_slug.md`` (jupytext) is executed by papermill with the python3
 kernel, in the ``notebooks/`` directory, with the parameters of the profile: the quick
@@ -18,6 +19,13 @@ of its source. The executed notebook goes to ``book/chapters/<slug>.ipynb`` (or 
 the results with their provenance to ``book/results/<profile>/<slug>.json`` after each
 chapter (an interrupted run keeps every chapter it finished), and at the end
 ``book/reproduction.md``, ``book/status.md`` and ``book/_toc.yml`` are regenerated.
+
+``-p name=value`` (repeatable; values parsed as YAML, like papermill's ``-p``/``-y``) sets a
+parameter on top of the profile. Every name must be a parameter of every selected chapter.
+Such a run is *partial*: its results go to ``book/results/<profile>-partial/<slug>.json``,
+never over the clean results of the profile, with ``provenance.partial`` = the overrides that
+differ from the profile (and ``provenance.profile_values`` = what the profile sets), and the
+ledger page shows them as partial, never as the claim holding.
 
 A failing chapter does not stop the others; the runner exits with status 1 and prints the
 failing cell's error and the path of the partially executed notebook.
@@ -31,7 +39,7 @@ import os
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +49,7 @@ from .ledger import CLAIMS_ENV, PROFILES, load_claims
 from .pages import write_pages
 from .record import write_json
 
-__all__ = ["Job", "Outcome", "plan", "run", "main", "repo_root"]
+__all__ = ["Job", "Outcome", "plan", "run", "main", "repo_root", "parse_override"]
 
 KERNEL = "python3"
 DEVICES = ("cpu", "cuda")
@@ -62,6 +70,8 @@ class Job:
     parameters: dict[str, Any]  # effective values (defaults updated by the profile)
     inject: dict[str, Any]  # what papermill injects: the values that differ from the defaults
     output: Path
+    partial: dict[str, Any] = field(default_factory=dict)  # -p overrides that differ from the profile
+    results_dir: Path | None = None  # where finish() writes, relative paths resolved from notebooks/
 
 
 @dataclass
@@ -76,6 +86,27 @@ class Outcome:
     results_written: bool = False
 
 
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"name=value"`` -> ``(name, value)``, the value parsed as YAML (``3600`` is an int,
+    ``[512, 1024]`` a list, ``null`` None, ``paper`` a string).
+
+    Example:
+        >>> parse_override("steps=600"), parse_override("milestones=[512, 1024]"), parse_override("layout=paper")
+        (('steps', 600), ('milestones', [512, 1024]), ('layout', 'paper'))
+    """
+    import yaml
+
+    name, sep, raw = text.partition("=")
+    name = name.strip()
+    if not sep or not name.isidentifier():
+        raise ch.ChapterError(f"-p expects name=value with a parameter name, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ch.ChapterError(f"-p {name}: {raw!r} is not a valid YAML value: {err}") from err
+    return name, value
+
+
 def plan(
     root: str | Path,
     profile: str = "quick",
@@ -83,6 +114,7 @@ def plan(
     seed: int | None = None,
     chapters: list[str] | None = None,
     output: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> list[Job]:
     """Validate everything and return the jobs, before anything runs.
 
@@ -90,8 +122,10 @@ def plan(
     :class:`~lipsort.book.ledger.ClaimsError`) for: an unknown chapter on the command
     line or in ``profiles.yml``, an override that is not a parameter of that notebook's
     ``parameters`` cell, a notebook without ``profile``/``device``/``seed``/``results_dir``
-    parameters, and a malformed ledger.
+    parameters, a malformed ledger, and an ``overrides`` (``-p``) name that is not a parameter
+    of every selected chapter or is one the runner sets.
     """
+    overrides = dict(overrides or {})
     root = Path(root).resolve()
     if profile not in PROFILES:
         raise ch.ChapterError(f"profile must be one of {PROFILES}, got {profile!r}")
@@ -133,13 +167,26 @@ def plan(
                 )
         params_of[slug] = defaults
 
+    reserved = sorted(set(overrides) & {"profile", "device", "results_dir"})
+    if reserved:
+        raise ch.ChapterError(f"-p cannot set {reserved}: use --profile/--device (results_dir is the runner's)")
+    for slug in selected:
+        bad = sorted(set(overrides) - set(params_of[slug]))
+        if bad:
+            raise ch.ChapterError(
+                f"-p {bad}: not parameter(s) of {slug}.md (its parameters: {list(params_of[slug])})"
+            )
+
     out_dir = Path(output).resolve() if output else root / "book" / "chapters"
-    results_dir = root / "book" / "results" / profile
     jobs = []
     for slug in selected:
         defaults = params_of[slug]
         effective = dict(defaults)
         effective.update(ch.overrides_for(profiles, profile, slug))
+        partial = {k: v for k, v in overrides.items() if effective.get(k) != v}
+        effective.update(overrides)
+        # A partial run never overwrites the clean results of its profile.
+        results_dir = root / "book" / "results" / (profile + ("-partial" if partial else ""))
         effective["profile"] = profile
         effective["device"] = device
         if seed is not None:
@@ -148,7 +195,8 @@ def plan(
         # where they were executed.
         effective["results_dir"] = "" if output else os.path.relpath(results_dir, notebooks)
         inject = {k: v for k, v in effective.items() if k not in defaults or defaults[k] != v}
-        jobs.append(Job(slug, notebooks / f"{slug}.md", defaults, effective, inject, out_dir / f"{slug}.ipynb"))
+        jobs.append(Job(slug, notebooks / f"{slug}.md", defaults, effective, inject, out_dir / f"{slug}.ipynb",
+                        partial, results_dir))
     return jobs
 
 
@@ -232,7 +280,6 @@ def _run(jobs: list[Job], root: Path, profile: str, device: str, record: bool) -
     from tqdm import tqdm
 
     notebooks = root / "notebooks"
-    results_dir = root / "book" / "results" / profile
     common = {
         **prov.git_state(root),
         "versions": prov.versions(),
@@ -243,7 +290,7 @@ def _run(jobs: list[Job], root: Path, profile: str, device: str, record: bool) -
     bar = tqdm(jobs, desc=f"{profile} profile", unit="chapter", file=sys.stderr)
     for job in bar:
         bar.set_postfix_str(job.slug)
-        target = results_dir / f"{job.slug}.json"
+        target = (job.results_dir or root / "book" / "results" / profile) / f"{job.slug}.json"
         before = _mtime(target)
         start_date, start = prov.now(), time.perf_counter()
         status, error = "ok", ""
@@ -273,6 +320,11 @@ def _run(jobs: list[Job], root: Path, profile: str, device: str, record: bool) -
                 "seed": job.parameters.get("seed"),
                 "parameters": job.parameters,
             }
+            if job.partial:
+                profile_values = dict(job.defaults)
+                profile_values.update(ch.overrides_for(ch.load_profiles(notebooks / "profiles.yml"), profile, job.slug))
+                provenance["partial"] = job.partial
+                provenance["profile_values"] = {k: profile_values.get(k) for k in job.partial}
             if error:
                 provenance["error"] = error
             write_json(target, {"results": fresh["results"], "provenance": provenance})
@@ -305,6 +357,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=DEVICES, default="cpu")
     p.add_argument("--seed", type=int, default=None, help="override every chapter's seed")
     p.add_argument(
+        "-p",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set a notebook parameter on top of the profile (repeatable; YAML value); the run is "
+        "recorded as partial in book/results/<profile>-partial/",
+    )
+    p.add_argument(
         "--output",
         type=Path,
         default=None,
@@ -326,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {path}")
         return 0
     try:
-        jobs = plan(root, args.profile, args.device, args.seed, args.chapters, args.output)
+        overrides = dict(parse_override(o) for o in args.overrides)
+        jobs = plan(root, args.profile, args.device, args.seed, args.chapters, args.output, overrides)
         if args.device == "cuda":
             import torch
 
@@ -339,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no chapter in {root / 'notebooks'} (NN_*.md): nothing to run", file=sys.stderr)
     if args.check:
         for job in jobs:
-            print(f"{job.slug}: inject {job.inject}")
+            print(f"{job.slug}: inject {job.inject}" + (f" (partial: {job.partial})" if job.partial else ""))
         return 0
     outcomes = run(jobs, root, args.profile, args.device, record=args.output is None)
     print("\n" + _summary(outcomes))

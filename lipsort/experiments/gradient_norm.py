@@ -30,7 +30,8 @@ __all__ = [
     "maxmin_abs",
     "relu_optimum",
     "relu_bound_certificate",
-        "run_absolute_value",
+    "run_absolute_value",
+    "decayed_schedule",
     "results_table",
     "plot_critics",
     "plot_gradient_norms",
@@ -322,21 +323,44 @@ def run_absolute_value(
     ]
 
 
-def results_table(runs: list[CriticResult], decimals: int = 3):
-    """One row per critic: estimate, Lipschitz bound, certified estimate, gradient-norm stats."""
+def decayed_schedule(milestones, gamma, decayed_from: int, factor: float = 0.1) -> dict:
+    r"""The book's decayed variant of a step schedule: an extra ×``factor`` from ``decayed_from``.
+
+    Returns ``{"milestones": [...], "gamma": [...]}`` (strictly increasing milestones, one
+    factor each) for :func:`run_absolute_value`; the learning rate at step :math:`t` is
+    :math:`\mathrm{lr}\cdot\prod_{m_i \le t} \gamma_i`.
+
+    Example:
+        >>> decayed_schedule([512, 1024], [0.9, 0.9], 2700)
+        {'milestones': [512, 1024, 2700], 'gamma': [0.9, 0.9, 0.1]}
+        >>> decayed_schedule([512, 1024], 0.9, 400)
+        {'milestones': [400, 512, 1024], 'gamma': [0.1, 0.9, 0.9]}
+    """
+    gammas = [gamma] * len(milestones) if isinstance(gamma, (int, float)) else list(gamma)
+    if len(gammas) != len(milestones):
+        raise ValueError(f"gamma needs one factor per milestone ({len(milestones)}), got {gamma!r}")
+    if decayed_from in milestones:
+        raise ValueError(f"decayed_from={decayed_from} is already a milestone of {list(milestones)}")
+    pairs = sorted([*zip(milestones, gammas), (decayed_from, factor)])
+    return {"milestones": [m for m, _ in pairs], "gamma": [g for _, g in pairs]}
+
+
+def results_table(runs: list[CriticResult], decimals: int = 3, variant: list[CriticResult] = ()):
+    """One row per critic: estimate, Lipschitz bound, certified estimate, gradient-norm stats;
+    the critics of ``variant`` (the decayed schedule) follow, their constraint marked "decayed"."""
     import pandas as pd
 
     rows = [
         {
             "activation": r.label,
-            "constraint": r.constraint,
+            "constraint": r.constraint + (" (decayed)" if i >= len(runs) else ""),
             "estimate": r.estimate,
             "Lip bound": r.lipschitz,
             "certified": r.certified,
             "mean |f'|": r.grad_stats["mean"],
             "frac |f'| ≥ 0.99": r.grad_stats["frac_unit"],
         }
-        for r in runs
+        for i, r in enumerate([*runs, *variant])
     ]
     return pd.DataFrame(rows).round(decimals)
 

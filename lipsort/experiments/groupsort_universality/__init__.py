@@ -193,10 +193,13 @@ def plot_lattice(xs: Tensor, ys: Tensor, form: LatticeForm, net: nn.Sequential, 
 
 @dataclass(frozen=True)
 class Scene:
-    """Two disjoint snowflakes in a box ``[x0, x1] × [y0, y1]``."""
+    """Snowflakes in a box ``[x0, x1] × [y0, y1]``; ``radii`` are their circumradii and
+    ``band`` the distance to the boundary within which a point counts as "near" it."""
 
     polygons: tuple[Tensor, ...]
     box: tuple[float, float, float, float]
+    radii: tuple[float, ...] = ()
+    band: float = 0.05
 
     def uniform(self, n: int, gen: torch.Generator) -> Tensor:
         x0, x1, y0, y1 = self.box
@@ -207,14 +210,31 @@ class Scene:
         return signed_distance(x.to(F64), list(self.polygons), check=False)
 
 
-def snowflake_scene(level: int = 4) -> Scene:
-    """The chapter's scene: a snowflake of radius 1 and one of radius 0.8, disjoint, in the box
-    [−2.5, 2.5] × [−1.5, 1.5]."""
+#: Scene layouts: ``book``, two disjoint snowflakes side by side; ``paper``, Béthune et al.'s
+#: (fig. 1a): two concentric snowflakes whose initial triangles have sides 0.87 and 0.45 of the
+#: box [−200, 200]², the region between them inside (even-odd rule).
+LAYOUTS = ("book", "paper")
+
+
+def snowflake_scene(level: int = 4, layout: str = "book") -> Scene:
+    """The chapter's scene.
+
+    ``book``: a snowflake of radius 1 and one of radius 0.8, disjoint, in the box
+    [−2.5, 2.5] × [−1.5, 1.5] (near band 0.05). ``paper``: Béthune et al.'s concentric pair in
+    [−200, 200]² (circumradius = side/√3; near band 0.5, their level-set tolerance).
+    """
     from .snowflake import check_disjoint
 
-    polys = (koch_snowflake(level, (-1.15, -0.1), 1.0), koch_snowflake(level, (1.2, 0.25), 0.8))
-    check_disjoint(list(polys))
-    return Scene(polygons=polys, box=(-2.5, 2.5, -1.5, 1.5))
+    if layout == "book":
+        radii, centers, box, band = (1.0, 0.8), ((-1.15, -0.1), (1.2, 0.25)), (-2.5, 2.5, -1.5, 1.5), 0.05
+    elif layout == "paper":
+        radii = tuple(f * 400 / math.sqrt(3) for f in (0.87, 0.45))
+        centers, box, band = ((0.0, 0.0), (0.0, 0.0)), (-200.0, 200.0, -200.0, 200.0), 0.5
+    else:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    polys = tuple(koch_snowflake(level, c, r) for c, r in zip(centers, radii))
+    check_disjoint(list(polys), allow_nested=layout == "paper")
+    return Scene(polygons=polys, box=box, radii=radii, band=band)
 
 
 def sample_training_points(scene: Scene, n: int, near_boundary: float, sigma: float, gen: torch.Generator) -> Tensor:
@@ -239,38 +259,51 @@ def train_sdf(
     steps: int,
     batch_size: int,
     lr: float,
-    n_train: int,
+    n_train: int | None,
     near_boundary: float = 0.5,
     sigma: float = 0.05,
+    schedule: str = "cosine",
     seed: int = 0,
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> list[float]:
     """Fit ``net`` to the exact signed distance by mean squared error.
 
-    A fixed pool of ``n_train`` points (:func:`sample_training_points`) and their exact SDF is
-    drawn once; each step takes a random minibatch; Adam with a cosine learning-rate decay to
-    zero. Returns the training loss of every step.
+    With ``n_train`` a number, a fixed pool of that many points (:func:`sample_training_points`)
+    and their exact SDF is drawn once and each step takes a random minibatch; with
+    ``n_train=None`` every step draws a fresh batch uniformly in the box and computes its SDF,
+    as Béthune et al.'s generator does. Adam at ``lr``, with a cosine decay to zero
+    (``schedule="cosine"``) or constant (``"constant"``, their Keras default). Returns the
+    training loss of every step.
     """
     # The plain console bar: tqdm.auto needs ipywidgets in a notebook and warns without them.
     from tqdm import tqdm
 
+    if schedule not in ("cosine", "constant"):
+        raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
     gen = torch.Generator().manual_seed(seed)
-    x = sample_training_points(scene, n_train, near_boundary, sigma, gen)
-    y = scene.sdf(x)
     dtype = next(net.parameters()).dtype
-    x, y = x.to(device=device, dtype=dtype), y.to(device=device, dtype=dtype)[:, None]
+    if n_train is not None:
+        x = sample_training_points(scene, n_train, near_boundary, sigma, gen)
+        y = scene.sdf(x)
+        x, y = x.to(device=device, dtype=dtype), y.to(device=device, dtype=dtype)[:, None]
     net.to(device).train()
     opt = torch.optim.Adam(net.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps) if schedule == "cosine" else None
     losses = []
     for _ in tqdm(range(steps), desc="SDF fit", disable=not progress, mininterval=5.0):
-        idx = torch.randint(0, n_train, (batch_size,), generator=gen).to(device)
-        loss = nn.functional.mse_loss(net(x[idx]), y[idx])
+        if n_train is None:
+            xb = scene.uniform(batch_size, gen)
+            xb, yb = xb.to(device=device, dtype=dtype), scene.sdf(xb).to(device=device, dtype=dtype)[:, None]
+        else:
+            idx = torch.randint(0, n_train, (batch_size,), generator=gen).to(device)
+            xb, yb = x[idx], y[idx]
+        loss = nn.functional.mse_loss(net(xb), yb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        sched.step()
+        if sched is not None:
+            sched.step()
         losses.append(float(loss.detach()))
     net.eval()
     return losses
@@ -286,14 +319,14 @@ def evaluate_sdf(net: nn.Module, scene: Scene, n_test: int, seed: int) -> dict[s
     """Held-out metrics on ``n_test`` points uniform in the box (a generator independent of
     the training pool's): sign accuracy (inside vs outside), the accuracy of the majority
     class, the mean absolute and root mean squared SDF errors, and the same accuracy on the
-    points within 0.05 of the boundary."""
+    points within ``scene.band`` of the boundary."""
     gen = torch.Generator().manual_seed(10_000 + seed)
     x = scene.uniform(n_test, gen)
     s = scene.sdf(x)
     f = _predict(net, x)
     correct = (f < 0) == (s < 0)
     inside = float((s < 0).double().mean())
-    near = s.abs() < 0.05
+    near = s.abs() < scene.band
     return {
         "accuracy": float(correct.double().mean()),
         "majority_accuracy": max(inside, 1 - inside),

@@ -183,7 +183,9 @@ def _crossings(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
 
 
 def inside_polygons(x: Tensor, polygons: Sequence[Tensor]) -> Tensor:
-    """Whether each point lies inside any of the polygons (crossing number): ``(N,)`` bool.
+    """Whether each point lies inside an odd number of the polygons (crossing number, even-odd
+    rule): ``(N,)`` bool. For disjoint, non-nested polygons this is "inside any of them"; a
+    polygon nested in another cuts a hole.
 
     Example:
         >>> sq = torch.tensor([[0., 0.], [1., 0.], [1., 1.], [0., 1.]])
@@ -197,7 +199,7 @@ def inside_polygons(x: Tensor, polygons: Sequence[Tensor]) -> Tensor:
         p = p.to(x.dtype)
         a, b = p, torch.roll(p, -1, dims=0)
         for i in range(0, x.shape[0], _CHUNK):
-            out[i : i + _CHUNK] |= _crossings(x[i : i + _CHUNK], a, b)
+            out[i : i + _CHUNK] ^= _crossings(x[i : i + _CHUNK], a, b)
     return out
 
 
@@ -215,10 +217,11 @@ def _orient(p, q, r):
     return (q[..., 0] - p[..., 0]) * (r[..., 1] - p[..., 1]) - (q[..., 1] - p[..., 1]) * (r[..., 0] - p[..., 0])
 
 
-def check_disjoint(polygons: Sequence[Tensor]) -> None:
-    """Raise ``ValueError`` unless the polygons are pairwise disjoint (no edge crossings or
-    contacts, and none inside another), the condition under which :func:`signed_distance` is
-    exact.
+def check_disjoint(polygons: Sequence[Tensor], allow_nested: bool = False) -> None:
+    """Raise ``ValueError`` unless the boundaries of the polygons are pairwise disjoint (no edge
+    crossings or contacts) and, unless ``allow_nested``, none lies inside another: the
+    conditions under which :func:`signed_distance` is exact (for nested polygons the set is
+    the even-odd region, as in Béthune et al.'s scene).
 
     Example:
         >>> check_disjoint([koch_snowflake(1, (-1.2, 0)), koch_snowflake(1, (1.2, 0))])
@@ -243,7 +246,9 @@ def check_disjoint(polygons: Sequence[Tensor]) -> None:
                 or segment_distance(p, q, torch.roll(q, -1, 0)).amin() <= 0
             )
             touching = proper or contact
-            nested = bool(inside_polygons(q[:1], [p]).any() or inside_polygons(p[:1], [q]).any())
+            nested = not allow_nested and bool(
+                inside_polygons(q[:1], [p]).any() or inside_polygons(p[:1], [q]).any()
+            )
             if touching or nested:
                 raise ValueError(
                     f"polygons {i} and {j} intersect: their closures are not disjoint, so the signed "
@@ -252,7 +257,8 @@ def check_disjoint(polygons: Sequence[Tensor]) -> None:
 
 
 def signed_distance(x: Tensor, polygons: Sequence[Tensor], check: bool = True) -> Tensor:
-    r"""Exact signed distance from points to the union of disjoint simple polygons.
+    r"""Exact signed distance from points to the region bounded by disjoint simple polygons
+    (even-odd rule: the union when none is nested).
 
     Negative inside, positive outside: :math:`s(x) = \pm \min_k d(x, [a_k, b_k])` over every edge
     of every polygon, the sign from the crossing number. 1-Lipschitz, computed in the dtype of
