@@ -177,22 +177,28 @@ def plot_level_sets(runs: list[CriticResult], problem, resolution: int = 121):
     return fig
 
 
-def plot_gradient_histograms(runs: list[CriticResult], title: str = ""):
-    r"""Histograms of :math:`\|\nabla f\|` on the transport segments, one panel per constraint."""
+def plot_gradient_histograms(groups: dict[str, list[CriticResult]]):
+    r"""Histograms of :math:`\|\nabla f\|` on the transport segments: one row per problem, one column per constraint."""
     import matplotlib.pyplot as plt
     import numpy as np
 
+    runs = [r for rr in groups.values() for r in rr]
     constraints = list(dict.fromkeys(r.constraint for r in runs))
     labels = list(dict.fromkeys(r.label for r in runs))
-    fig, axes = plt.subplots(1, len(constraints), figsize=(5.0 * len(constraints), 3.0), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(len(groups), len(constraints), figsize=(5.0 * len(constraints), 2.6 * len(groups)),
+                             sharex=True, squeeze=False)
     bins = np.linspace(0, 1.1, 45)
-    for ax, constraint in zip(axes[0], constraints):
-        for r in (rr for rr in runs if rr.constraint == constraint):
-            ax.hist(r.grad_norms.clamp(max=1.1).numpy(), bins=bins, histtype="step", lw=1.4,
-                    color=f"C{labels.index(r.label)}", label=r.label, density=True)
-        ax.axvline(1.0, color="k", lw=0.8, ls=":")
-        ax.set(xlabel=r"$\|\nabla f(x)\|_2$ on the transport segments", title=f"{title}{constraint} weights")
-        ax.legend(fontsize=8, loc="upper left")
+    for row, (name, rr) in zip(axes, groups.items()):
+        for ax, constraint in zip(row, constraints):
+            for r in (r for r in rr if r.constraint == constraint):
+                ax.hist(r.grad_norms.clamp(max=1.1).numpy(), bins=bins, histtype="step", lw=1.4,
+                        color=f"C{labels.index(r.label)}", label=r.label, density=True)
+            ax.axvline(1.0, color="k", lw=0.8, ls=":")
+            ax.set_title(f"{name}, {constraint} weights", fontsize=9)
+            ax.set_yticks([])
+        row[0].legend(fontsize=7, loc="upper left")
+    for ax in axes[-1]:
+        ax.set_xlabel(r"$\|\nabla f(x)\|_2$ on the transport segments")
     fig.tight_layout()
     return fig
 
