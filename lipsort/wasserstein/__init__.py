@@ -11,11 +11,15 @@ of 1-Lipschitz networks; how close it gets measures how expressive the family is
 gradient norm 1 everywhere (e.g. :math:`f = |x|`), while GroupSort networks can.
 
 * :mod:`~lipsort.wasserstein.estimates`: :func:`dual_estimate`, :func:`exact_dual_estimate`,
-  :func:`gradient_norms`, :func:`gradient_norm_stats`.
+  :func:`gradient_norms`, :func:`gradient_norm_stats`, :func:`exact_w1` (POT),
+  :func:`heldout_estimate` (certified, with a confidence interval).
 * :mod:`~lipsort.wasserstein.critics`: :func:`train_critic` and :func:`fit_critic`, the one
   critic pipeline (build, train, measure; :class:`CriticResult` with the certified estimate).
 * :mod:`~lipsort.wasserstein.problems`: problems with exact :math:`W_1` and optimal critic
-  (the paper's cones: :func:`absolute_value`, :func:`three_cones`, :func:`high_dim_cone`).
+  (the paper's cones: :func:`absolute_value`, :func:`three_cones`, :func:`high_dim_cone`;
+  :class:`TranslateProblem`, :class:`EmpiricalProblem`).
+* :mod:`~lipsort.wasserstein.gan`: a WGAN whose critic is a Björck + GroupSort network
+  (chapter 04); import it as ``lipsort.wasserstein.gan``.
 
 Example:
     >>> import torch
@@ -25,19 +29,41 @@ Example:
 """
 
 from .critics import CriticHistory, CriticResult, fit_critic, train_critic
-from .estimates import dual_estimate, exact_dual_estimate, gradient_norm_stats, gradient_norms
-from .problems import PROBLEMS, ConeProblem, absolute_value, high_dim_cone, problem, three_cones
+from .estimates import (
+    HeldoutEstimate,
+    dual_estimate,
+    exact_dual_estimate,
+    exact_w1,
+    gradient_norm_stats,
+    gradient_norms,
+    heldout_estimate,
+)
+from .problems import (
+    PROBLEMS,
+    ConeProblem,
+    EmpiricalProblem,
+    TranslateProblem,
+    absolute_value,
+    high_dim_cone,
+    problem,
+    three_cones,
+)
 
 __all__ = [
     "dual_estimate",
     "exact_dual_estimate",
     "gradient_norms",
     "gradient_norm_stats",
+    "exact_w1",
+    "HeldoutEstimate",
+    "heldout_estimate",
     "CriticHistory",
     "train_critic",
     "CriticResult",
     "fit_critic",
     "ConeProblem",
+    "TranslateProblem",
+    "EmpiricalProblem",
     "absolute_value",
     "three_cones",
     "high_dim_cone",

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import check_int, check_positive
-from .estimates import dual_estimate, exact_dual_estimate, gradient_norm_stats, gradient_norms
+from .estimates import dual_estimate, exact_dual_estimate, gradient_norm_stats, gradient_norms, heldout_estimate
 
 __all__ = ["CriticHistory", "train_critic", "CriticResult", "fit_critic"]
 
@@ -269,6 +269,17 @@ class CriticResult:
     def grad_stats(self) -> dict[str, float]:
         """:func:`lipsort.wasserstein.gradient_norm_stats` of :attr:`grad_norms`."""
         return gradient_norm_stats(self.grad_norms)
+
+    def heldout(self, x_p: Tensor, x_q: Tensor, level: float = 0.95, paired: bool = False):
+        """:func:`lipsort.wasserstein.heldout_estimate` of this critic, certified by :attr:`lipschitz`.
+
+        ``x_p``, ``x_q`` are moved to the critic's device and dtype.
+        """
+        p = next(self.critic.parameters())
+        return heldout_estimate(
+            self.critic, x_p.to(device=p.device, dtype=p.dtype), x_q.to(device=p.device, dtype=p.dtype),
+            lipschitz=self.lipschitz, level=level, paired=paired,
+        )
 
 
 class _WeightTrace:

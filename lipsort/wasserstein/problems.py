@@ -34,6 +34,10 @@ Problems (the experiment ids A1–A3 are those of the book and its ledger):
 * :func:`high_dim_cone` (A3): the origin against the unit sphere of :math:`\mathbb R^{128}`;
   :math:`W_1 = 1`, :math:`f^\star(x) = \|x\|_2`.
 
+Two more families test the estimator rather than the paper (chapter 04):
+:class:`TranslateProblem` (a distribution and its translate, :math:`W_1` = the shift) and
+:class:`EmpiricalProblem` (two point clouds, :math:`W_1` from an exact optimal-transport solver).
+
 Example:
     >>> problem = absolute_value()
     >>> problem.w1
@@ -54,7 +58,16 @@ from torch import Tensor
 
 from .._checks import check_int, check_positive
 
-__all__ = ["ConeProblem", "absolute_value", "three_cones", "high_dim_cone", "PROBLEMS", "problem"]
+__all__ = [
+    "ConeProblem",
+    "TranslateProblem",
+    "EmpiricalProblem",
+    "absolute_value",
+    "three_cones",
+    "high_dim_cone",
+    "PROBLEMS",
+    "problem",
+]
 
 
 class ConeProblem:
@@ -146,14 +159,15 @@ class ConeProblem:
         """
         n = check_int(n, "n")
         centers = self._centers_for(n, generator)
+        return (centers + self.radius * self._directions(n, generator)).to(dtype=dtype, device=device)
+
+    def _directions(self, n: int, generator) -> Tensor:
         if self.dim == 1:
             # The "sphere" of the line: the two points c ± r, equally likely.
-            u = torch.randint(2, (n, 1), generator=generator).to(torch.float64) * 2 - 1
-        else:
-            g = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
-            # A zero Gaussian draw has probability 0; guard anyway so no NaN can appear.
-            u = g / torch.linalg.vector_norm(g, dim=1, keepdim=True).clamp_min(1e-300)
-        return (centers + self.radius * u).to(dtype=dtype, device=device)
+            return torch.randint(2, (n, 1), generator=generator).to(torch.float64) * 2 - 1
+        g = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
+        # A zero Gaussian draw has probability 0; guard anyway so no NaN can appear.
+        return g / torch.linalg.vector_norm(g, dim=1, keepdim=True).clamp_min(1e-300)
 
     def sample_q(self, n: int, generator: torch.Generator | None = None, dtype=torch.float32, device=None) -> Tensor:
         """``n`` points of ``Q`` (the centers, chosen uniformly), shape ``(n, d)``."""
@@ -165,6 +179,25 @@ class ConeProblem:
         return (
             self.sample_p(n, generator, dtype, device),
             self.sample_q(n, generator, dtype, device),
+        )
+
+    def sample_pairs(self, n: int, generator: torch.Generator | None = None, dtype=torch.float32, device=None) -> tuple[Tensor, Tensor]:
+        r"""``n`` coupled pairs: ``x_q[i]`` a center, ``x_p[i]`` a point of the sphere around it.
+
+        Each pair moves a distance ``r``, so for every 1-Lipschitz ``f`` the paired estimate
+        :math:`\frac1n \sum_i f(x_{p,i}) - f(x_{q,i}) \le r` holds exactly on the sample, not
+        only in expectation: an evaluation set free of the excess that unequal numbers of points
+        per center give independent samples.
+
+        Example:
+            >>> x_p, x_q = three_cones().sample_pairs(5, torch.Generator().manual_seed(0), torch.float64)
+            >>> torch.allclose((x_p - x_q).norm(dim=1), torch.ones(5, dtype=torch.float64))
+            True
+        """
+        n = check_int(n, "n")
+        centers = self._centers_for(n, generator)
+        return (centers + self.radius * self._directions(n, generator)).to(dtype=dtype, device=device), centers.to(
+            dtype=dtype, device=device
         )
 
     # ------------------------------------------------------------------ exact expectations
@@ -234,6 +267,166 @@ def high_dim_cone(dim: int = 128) -> ConeProblem:
     """
     dim = check_int(dim, "dim")
     return ConeProblem(torch.zeros(1, dim), radius=1.0, name=f"{dim}-D cone (A3)")
+
+
+class TranslateProblem:
+    r"""A distribution ``Q`` and its translate ``P = Q + s``: :math:`W_1(P, Q) = \|s\|_2` exactly.
+
+    ``Q`` is a mixture of isotropic Gaussians (centers ``centers``, standard deviation ``std``,
+    equal weights), but the truth holds for any ``Q``: the coupling :math:`x \mapsto x + s`
+    costs :math:`\|s\|`, and the 1-Lipschitz linear critic
+    :math:`f^\star(x) = \langle x, s\rangle / \|s\|` gains exactly :math:`\|s\|`. A test of the
+    estimator, not of the paper: the optimal critic is linear, so every activation can
+    represent it, and a gap measures training and sampling, not expressiveness.
+
+    Args:
+        shift: the translation ``s`` (``(d,)``, non-zero).
+        centers: ``(K, d)`` mixture centers of ``Q`` (default: the origin).
+        std: standard deviation of each component (``> 0``).
+        name: a label for tables and plots.
+
+    Example:
+        >>> pb = TranslateProblem([3.0, 4.0])
+        >>> pb.w1, pb.dim
+        (5.0, 2)
+        >>> x_p, x_q = pb.sample_pairs(4, torch.Generator().manual_seed(0), torch.float64)
+        >>> float((pb.critic(x_p) - pb.critic(x_q)).mean())
+        5.0
+    """
+
+    is_discrete = False
+
+    def __init__(self, shift, centers=None, std: float = 1.0, name: str = "translate"):
+        s = torch.as_tensor(shift, dtype=torch.float64)
+        if s.dim() != 1 or s.numel() < 1 or not bool(torch.isfinite(s).all()):
+            raise ValueError(f"shift must be a finite vector of shape (d,), got {tuple(s.shape)}")
+        if float(s.norm()) == 0:
+            raise ValueError("shift must be non-zero (W1 = 0 has no direction for the optimal critic)")
+        c = torch.zeros(1, s.numel(), dtype=torch.float64) if centers is None else torch.as_tensor(centers, dtype=torch.float64)
+        if c.dim() != 2 or c.shape[0] < 1 or c.shape[1] != s.numel() or not bool(torch.isfinite(c).all()):
+            raise ValueError(f"centers must be finite with shape (K, {s.numel()}), got {tuple(c.shape)}")
+        self.shift, self.centers = s, c
+        self.std = check_positive(std, "std")
+        self.name = str(name)
+
+    @property
+    def w1(self) -> float:
+        """The exact :math:`W_1(P, Q) = \\|s\\|_2`."""
+        return float(self.shift.norm())
+
+    @property
+    def dim(self) -> int:
+        """Dimension of the ambient space."""
+        return int(self.shift.numel())
+
+    def critic(self, x: Tensor) -> Tensor:
+        r"""The optimal critic :math:`\langle x, s\rangle / \|s\|`, shape ``(N,)``."""
+        if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"points must be a tensor of shape (N, {self.dim})")
+        return x @ (self.shift / self.shift.norm()).to(x)
+
+    def sample_q(self, n: int, generator: torch.Generator | None = None, dtype=torch.float32, device=None) -> Tensor:
+        """``n`` points of ``Q`` (the Gaussian mixture), shape ``(n, d)``."""
+        n = check_int(n, "n")
+        idx = torch.randint(self.centers.shape[0], (n,), generator=generator)
+        x = self.centers[idx] + self.std * torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
+        return x.to(dtype=dtype, device=device)
+
+    def sample_p(self, n: int, generator: torch.Generator | None = None, dtype=torch.float32, device=None) -> Tensor:
+        """``n`` points of ``P = Q + s``, shape ``(n, d)``."""
+        return (self.sample_q(n, generator, torch.float64) + self.shift).to(dtype=dtype, device=device)
+
+    def sample(self, n: int, generator: torch.Generator | None = None, dtype=torch.float32, device=None) -> tuple[Tensor, Tensor]:
+        """``(x_p, x_q)``: ``n`` independent points of each distribution."""
+        return self.sample_p(n, generator, dtype, device), self.sample_q(n, generator, dtype, device)
+
+    def sample_pairs(self, n: int, generator: torch.Generator | None = None, dtype=torch.float32, device=None) -> tuple[Tensor, Tensor]:
+        r"""``n`` coupled pairs ``(x + s, x)``, each moved by :math:`\|s\|` (see :meth:`ConeProblem.sample_pairs`)."""
+        x_q = self.sample_q(n, generator, torch.float64)
+        return (x_q + self.shift).to(dtype=dtype, device=device), x_q.to(dtype=dtype, device=device)
+
+    def __repr__(self) -> str:
+        return f"TranslateProblem(name={self.name!r}, dim={self.dim}, |shift|={self.w1:.6g}, std={self.std})"
+
+
+class EmpiricalProblem:
+    r"""The uniform measures on two finite point clouds: ``P`` on the rows of ``x_p``, ``Q`` on ``x_q``.
+
+    Both distributions are discrete, so the dual estimate of a critic is exact on the atoms
+    (:func:`lipsort.wasserstein.exact_dual_estimate`), and :attr:`w1` is the exact optimal
+    transport value of the two clouds (:func:`lipsort.wasserstein.exact_w1`, POT's network
+    simplex, computed once). Training samples with replacement from the clouds, so what a
+    critic is trained and evaluated on is exactly the measure whose :math:`W_1` is known: a
+    check of the estimator against an independent solver. Images are flattened first.
+
+    Args:
+        x_p, x_q: ``(N, d)`` and ``(M, d)`` finite floating-point tensors (stored in float64).
+        name: a label for tables and plots.
+
+    Example:
+        >>> pb = EmpiricalProblem(torch.tensor([[0.0], [2.0]]), torch.tensor([[1.0]]))
+        >>> pb.w1, pb.dim, pb.atoms_p()[1].tolist()
+        (1.0, 1, [0.5, 0.5])
+    """
+
+    is_discrete = True
+
+    def __init__(self, x_p: Tensor, x_q: Tensor, name: str = "empirical"):
+        clouds = []
+        for x, label in ((x_p, "x_p"), (x_q, "x_q")):
+            if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() != 2 or x.shape[0] < 1:
+                raise ValueError(f"{label} must be a floating-point tensor of shape (N, d) with N >= 1")
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError(f"{label} must be finite")
+            clouds.append(x.detach().to(device="cpu", dtype=torch.float64))
+        if clouds[0].shape[1] != clouds[1].shape[1]:
+            raise ValueError(f"x_p and x_q must have the same dimension, got {clouds[0].shape[1]} and {clouds[1].shape[1]}")
+        self.x_p, self.x_q = clouds
+        self.name = str(name)
+        self._w1: float | None = None
+
+    @property
+    def w1(self) -> float:
+        """Exact :math:`W_1` of the two uniform empirical measures (POT, computed once)."""
+        if self._w1 is None:
+            from .estimates import exact_w1
+
+            self._w1 = exact_w1(self.x_p, self.x_q)
+        return self._w1
+
+    @property
+    def dim(self) -> int:
+        """Dimension of the points."""
+        return int(self.x_p.shape[1])
+
+    def _draw(self, x: Tensor, n: int, generator, dtype, device) -> Tensor:
+        idx = torch.randint(x.shape[0], (check_int(n, "n"),), generator=generator)
+        return x[idx].to(dtype=dtype, device=device)
+
+    def sample_p(self, n: int, generator: torch.Generator | None = None, dtype=torch.float32, device=None) -> Tensor:
+        """``n`` rows of ``x_p`` drawn uniformly with replacement."""
+        return self._draw(self.x_p, n, generator, dtype, device)
+
+    def sample_q(self, n: int, generator: torch.Generator | None = None, dtype=torch.float32, device=None) -> Tensor:
+        """``n`` rows of ``x_q`` drawn uniformly with replacement."""
+        return self._draw(self.x_q, n, generator, dtype, device)
+
+    def sample(self, n: int, generator: torch.Generator | None = None, dtype=torch.float32, device=None) -> tuple[Tensor, Tensor]:
+        """``(x_p, x_q)``: ``n`` draws from each cloud."""
+        return self.sample_p(n, generator, dtype, device), self.sample_q(n, generator, dtype, device)
+
+    def atoms_p(self, dtype=torch.float64, device=None) -> tuple[Tensor, Tensor]:
+        """The rows of ``x_p`` and their equal weights."""
+        n = self.x_p.shape[0]
+        return self.x_p.to(dtype=dtype, device=device), torch.full((n,), 1.0 / n, dtype=dtype, device=device)
+
+    def atoms_q(self, dtype=torch.float64, device=None) -> tuple[Tensor, Tensor]:
+        """The rows of ``x_q`` and their equal weights."""
+        n = self.x_q.shape[0]
+        return self.x_q.to(dtype=dtype, device=device), torch.full((n,), 1.0 / n, dtype=dtype, device=device)
+
+    def __repr__(self) -> str:
+        return f"EmpiricalProblem(name={self.name!r}, n_p={self.x_p.shape[0]}, n_q={self.x_q.shape[0]}, dim={self.dim})"
 
 
 #: Problem constructors by experiment id.
