@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lipsort.certify import lipschitz_upper_bound
+from lipsort.training import checkpoint as ckpt
 from lipsort.wasserstein import gan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -75,3 +76,26 @@ def test_bad_inputs_raise():
         gan.train_wgan(f, f, data, steps=1, progress=False)
     with pytest.raises(ValueError, match="noise must have shape"):
         g(torch.zeros(2, 3))
+
+
+def test_interrupted_wgan_resumes_to_the_same_weights(tmp_path):
+    def fresh():
+        torch.manual_seed(0)
+        return gan.Generator(z_dim=4, widths=(16,), image_shape=(1, 4, 4)), gan.lipschitz_critic((1, 4, 4), (16,), group_size=4, bjorck_iters=5)
+
+    data = torch.rand(64, 1, 4, 4) * 2 - 1
+    g, f = fresh()
+    straight = gan.train_wgan(g, f, data, steps=6, batch_size=16, n_critic=2, progress=False)
+    path = tmp_path / "gan.pt"
+    g1, f1 = fresh()
+    gan.train_wgan(g1, f1, data, steps=3, batch_size=16, n_critic=2, progress=False, checkpoint=path, checkpoint_every=2)
+    g2, f2 = fresh()  # a new process would start from fresh networks: the checkpoint restores everything
+    resumed = gan.train_wgan(g2, f2, data, steps=6, batch_size=16, n_critic=2, progress=False, checkpoint=path)
+    assert resumed.critic_estimate == straight.critic_estimate
+    for a, b in zip([*g.state_dict().values(), *f.state_dict().values()], [*g2.state_dict().values(), *f2.state_dict().values()]):
+        assert torch.equal(a, b)
+    with pytest.raises(ckpt.CheckpointError, match="another WGAN run"):
+        gan.train_wgan(*fresh(), data, steps=7, batch_size=8, n_critic=2, progress=False, checkpoint=path)
+    path.write_bytes(path.read_bytes()[:50])
+    with pytest.raises(ckpt.CheckpointError, match=str(path)):
+        gan.train_wgan(*fresh(), data, steps=7, batch_size=16, n_critic=2, progress=False, checkpoint=path)

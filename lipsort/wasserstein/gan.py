@@ -31,13 +31,16 @@ Example:
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from .._checks import check_int, check_positive
+from ..training import checkpoint as ckpt
 
 __all__ = ["Generator", "lipschitz_critic", "GanHistory", "train_wgan", "generate"]
 
@@ -151,6 +154,8 @@ def train_wgan(
     betas: tuple[float, float] = (0.5, 0.999),
     seed: int = 0,
     progress: bool = True,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 500,
 ) -> GanHistory:
     r"""Train a WGAN for ``steps`` generator steps, ``n_critic`` critic steps before each.
 
@@ -170,6 +175,12 @@ def train_wgan(
         batch_size, n_critic, lr_g, lr_d, betas: as above.
         seed: seed of the data order and the noise.
         progress: show a tqdm progress bar.
+        checkpoint: a file (:mod:`lipsort.training.checkpoint` format) written atomically every
+            ``checkpoint_every`` generator steps and at the end. If it exists, training resumes
+            from it — networks, optimizers, history, data order and noise generator — and ends
+            with the same weights as an uninterrupted run; a checkpoint of a run with other
+            settings, or an unreadable file, raises an error naming the file.
+        checkpoint_every: generator steps between checkpoints.
 
     Returns:
         A :class:`GanHistory`.
@@ -180,6 +191,7 @@ def train_wgan(
         raise TypeError("generator must be a lipsort.wasserstein.gan.Generator and critic an nn.Module")
     steps, batch_size, n_critic = check_int(steps, "steps"), check_int(batch_size, "batch_size"), check_int(n_critic, "n_critic")
     lr_g, lr_d = check_positive(lr_g, "lr_g"), check_positive(lr_d, "lr_d")
+    checkpoint_every = check_int(checkpoint_every, "checkpoint_every")
     if not isinstance(images, Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != generator.image_shape:
         raise ValueError(f"images must have shape (N, {', '.join(map(str, generator.image_shape))}), got {tuple(getattr(images, 'shape', ()))}")
     if images.shape[0] < batch_size:
@@ -191,6 +203,28 @@ def train_wgan(
     opt_d = torch.optim.Adam(critic.parameters(), lr=lr_d, betas=tuple(betas))
     n_batches = images.shape[0] // batch_size
     order, cursor = torch.randperm(images.shape[0], generator=gen), 0
+    history, start = GanHistory(), 0
+    config = {"batch_size": batch_size, "n_critic": n_critic, "lr_g": lr_g, "lr_d": lr_d, "betas": list(map(float, betas)),
+              "seed": seed, "n_images": int(images.shape[0])}
+    if checkpoint is not None and Path(checkpoint).is_file():
+        state = ckpt.load_checkpoint(checkpoint)
+        if state["config"] != config:
+            raise ckpt.CheckpointError(f"{checkpoint} is a checkpoint of another WGAN run ({state['config']}, not {config})")
+        generator.load_state_dict(state["model"]["generator"])
+        critic.load_state_dict(state["model"]["critic"])
+        opt_g.load_state_dict(state["optimizer"]["generator"])
+        opt_d.load_state_dict(state["optimizer"]["critic"])
+        gen.set_state(state["rng"]["data"])
+        order, cursor = state["rng"]["order"], int(state["rng"]["cursor"])
+        history = GanHistory(**{k: list(v) for k, v in state["history"].items()})
+        start = int(state["epoch"])
+
+    def save(step: int) -> None:
+        ckpt.save_atomic(ckpt.new_checkpoint(
+            epoch=step, config=config, history={"critic_estimate": history.critic_estimate, "generator_loss": history.generator_loss},
+            model={"generator": generator.state_dict(), "critic": critic.state_dict()},
+            optimizer={"generator": opt_g.state_dict(), "critic": opt_d.state_dict()},
+            rng={"data": gen.get_state(), "order": order, "cursor": cursor}), checkpoint)
 
     def real_batch() -> Tensor:
         nonlocal order, cursor
@@ -200,11 +234,10 @@ def train_wgan(
         cursor += 1
         return images[idx].to(device=device, dtype=dtype)
 
-    history = GanHistory()
     generator.train()
     critic.train()
-    bar = tqdm(range(steps), desc="WGAN", disable=not progress, mininterval=5.0)
-    for _ in bar:
+    bar = tqdm(range(start, steps), desc="WGAN", disable=not progress, mininterval=5.0, initial=start, total=steps)
+    for step in bar:
         for _ in range(n_critic):
             x = real_batch()
             with torch.no_grad():
@@ -226,6 +259,8 @@ def train_wgan(
         history.critic_estimate.append(est)
         history.generator_loss.append(gl)
         bar.set_postfix(critic=f"{history.critic_estimate[-1]:.3f}", refresh=False)
+        if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
+            save(step + 1)
     bar.close()
     generator.eval()
     critic.eval()
