@@ -66,9 +66,10 @@ def test_missing_file_names_the_path(tmp_path):
     "entry, message",
     [
         ({k: v for k, v in GOOD.items() if k != "key"}, r"lacks the required field\(s\) \['key'\]"),
-        ({**GOOD, "tolerances": 1}, r"unknown field\(s\) \['tolerances'\]"),
-        ({**GOOD, "tolerance": 1}, r"'tolerance' must be a non-empty string"),
-        ({**GOOD, "source": "paper"}, r"must say where the paper published it"),
+        ({**GOOD, "tolerances": "x"}, r"unknown field\(s\) \['tolerances'\]"),
+        ({**GOOD, "tolerance": 1}, "'tolerance' must be a non-empty string when given"),
+        ({**GOOD, "deviation": ""}, "'deviation' must be a non-empty string when given"),
+        ({**GOOD, "source": "paper"}, "source 'paper' needs 'where'"),
         ({**GOOD, "paper": "anil2018"}, "paper 'anil2018' is not one of"),
         ({**GOOD, "source": "blog"}, "source 'blog' is not one of"),
         ({**GOOD, "profile": "medium"}, "profile 'medium' is not one of"),
@@ -215,7 +216,43 @@ def test_committed_reproduction_page_is_up_to_date():
     assert (BOOK / "reproduction.md").read_text() == expected, (
         "book/reproduction.md is stale: run python -m lipsort.reproduce --render-only"
     )
-    assert (BOOK / "status.md").read_text() == pages.render_status(results)
+    import yaml
+
+    estimates = yaml.safe_load((BOOK / "estimates.yml").read_text()) if (BOOK / "estimates.yml").is_file() else {}
+    assert (BOOK / "status.md").read_text() == pages.render_status(results, estimates)
+
+
+def test_every_committed_claim_says_where_its_tolerance_comes_from():
+    claims = load_claims(BOOK / "claims.yml")
+    assert all(c.tolerance for c in claims), [c.id for c in claims if not c.tolerance]
+    assert all(c.where for c in claims if c.source == "paper")
+    # The book's own results are labelled derived, not passed off as the papers'.
+    assert {c.id for c in claims if c.source == "derived"} >= {
+        "A1-relu-optimum-attains-bound", "A-bjorck-region-order1", "A-power-iteration-one-step-gap",
+        "A-linf-projection-sparsity", "A-expressivity-linf-reaches-ceiling"}
+
+
+def test_ledger_tables_have_at_most_six_columns():
+    """Every table of the reproduction page fits a 1366-px screen: at most six columns."""
+    text = (BOOK / "reproduction.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("|")]
+    assert rows, "the reproduction page has no table"
+    widest = max(len(line.replace("\\|", "").strip("|").split("|")) for line in rows)
+    assert widest <= 6, f"a ledger table has {widest} columns"
+
+
+def test_page_marks_partial_runs_and_never_counts_them():
+    claims = [Claim(**{**GOOD, "id": "T-a"}), Claim(**{**GOOD, "id": "T-d", "source": "derived"})]
+    results = {"quick": {}, "full": {}, "quick-partial": {}, "full-partial": {
+        "01_demo": {"results": {"mean.abs": 0.8}, "provenance": {"partial": {"steps": 60}}}}}
+    page = pages.render_reproduction(claims, results)
+    assert "*partial* " in page and "steps=60" in page
+    assert "partial at full (holds)" in page
+    summary = page.split("## Summary")[1].split("##")[0]
+    assert "0 of 1, 1 not run (1 partial)" in summary
+    # papers' claims and derived checks are separate tables
+    assert page.index("### The papers' claims") < page.index("### Derived checks")
+    assert "<details>" in page
 
 
 def test_quick_claims_hold_in_committed_results():

@@ -255,7 +255,8 @@ def test_failing_chapter_is_reported_and_others_are_kept(tmp_path, capsys, monke
     injected = [c for c in executed.cells if "injected-parameters" in c.metadata.get("tags", [])]
     assert len(injected) == 1 and "hide-cell" in injected[0].metadata["tags"]
     ledger_page = (tmp_path / "book" / "reproduction.md").read_text()
-    assert "| `T-good` | The answer is 42. | 02_good | 42 (exact) | 42.00 ± 0.50 | 42.00 | — | holds at quick; not run at full |" in ledger_page
+    assert "| `T-good` | 42.00 | 42.00 ± 0.50 | 42.00 | — | holds at quick; not run at full |" in ledger_page
+    assert "The answer is 42." in ledger_page.split("<details>")[1]
     assert "| 02_good | ok |" in (tmp_path / "book" / "status.md").read_text()
     assert "book/chapters/01_broken" in (tmp_path / "book" / "_toc.yml").read_text()
 
@@ -264,3 +265,55 @@ def test_failing_chapter_is_reported_and_others_are_kept(tmp_path, capsys, monke
     (tmp_path / "book" / "reproduction.md").unlink()
     assert reproduce.main(["--root", str(tmp_path), "--render-only"]) == 0
     assert (tmp_path / "book" / "reproduction.md").read_text() == before
+
+
+# --- parameter overrides (-p) and the dirty-tree record ------------------------------------
+
+def test_overrides_are_validated_and_recorded_as_partial(tmp_path, capsys, monkeypatch):
+    make_project(tmp_path)
+    write_chapter(tmp_path, "01_a", "import lipsort.book\nresults = {'n': float(n)}")
+    write_chapter(tmp_path, "02_b", "results = {}", params="m = 1")
+    assert reproduce.parse_override("n=[1, 2]") == ("n", [1, 2])
+    with pytest.raises(ch.ChapterError, match="expects name=value"):
+        reproduce.parse_override("n")
+    # a name that is not a parameter of every selected chapter is refused, naming the chapter
+    assert reproduce.main(["--root", str(tmp_path), "--check", "-p", "n=5"]) == 2
+    assert "not parameter(s) of 02_b.md" in capsys.readouterr().err
+    assert reproduce.main(["--root", str(tmp_path), "--check", "-p", "profile=full", "01_a"]) == 2
+    assert "-p cannot set ['profile']" in capsys.readouterr().err
+
+    monkeypatch.delenv(ledger.CLAIMS_ENV, raising=False)
+    assert reproduce.main(["--root", str(tmp_path), "-p", "n=5", "01_a"]) == 0
+    results = tmp_path / "book" / "results"
+    assert not (results / "quick" / "01_a.json").exists()  # never over the clean results
+    record = json.loads((results / "quick-partial" / "01_a.json").read_text())
+    assert record["results"] == {"n": 5.0}
+    assert record["provenance"]["partial"] == {"n": 5}
+    assert record["provenance"]["profile_values"] == {"n": 3}
+    # an override equal to the profile's value is no override: the run is clean
+    jobs = reproduce.plan(tmp_path, "quick", chapters=["01_a"], overrides={"n": 3})
+    assert jobs[0].partial == {} and jobs[0].results_dir == results / "quick"
+
+
+def test_git_state_records_dirty_trees_but_not_generated_files(tmp_path):
+    import subprocess
+
+    from lipsort.book import provenance
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    git("init", "-q")
+    git("config", "user.email", "t@example.org")
+    git("config", "user.name", "t")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("commit", "-q", "-m", "a")
+    assert provenance.git_state(tmp_path)["dirty"] is False
+    # what the runner itself writes does not make the tree dirty
+    for rel in ("book/results/quick/01_a.json", "book/chapters/01_a.ipynb", "book/status.md"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("{}")
+    assert provenance.git_state(tmp_path)["dirty"] is False
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert provenance.git_state(tmp_path)["dirty"] is True
