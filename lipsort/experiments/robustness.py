@@ -283,7 +283,8 @@ def robustness_curves(models: dict, test_data, eps_grid, n_eval: int, steps: int
 
 
 def plot_curves(curves_by_dataset: dict):
-    """One panel per dataset: certified (solid) and attack (dashed) accuracy against ε."""
+    """One panel per dataset: certified (solid; only for nets that certify something at ε > 0)
+    and attack (dashed) accuracy against ε."""
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(curves_by_dataset), figsize=(5.2 * len(curves_by_dataset), 3.8),
@@ -293,7 +294,7 @@ def plot_curves(curves_by_dataset: dict):
         for name, part in df.groupby("model", sort=False):
             c = colors.get(name, "k")
             ax.plot(part.eps, part.attack, "--o", ms=3, color=c, label=f"{ROBUST_LABELS.get(name, name)}: attack")
-            if part.certified.max() > 0:
+            if part[part.eps > 0].certified.max() > 0:  # else only the clean point
                 ax.plot(part.eps, part.certified, "-", color=c, label=f"{ROBUST_LABELS.get(name, name)}: certified")
         ax.axvline(0.3, color="grey", lw=0.6, ls=":")
         ax.set(title=title, xlabel="ε (ℓ∞, pixels in [0, 1])", ylabel="accuracy", ylim=(-0.02, 1.02))
