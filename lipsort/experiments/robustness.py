@@ -20,7 +20,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..attacks import CertificateViolation, assert_no_attack_inside_certificate, pgd_training_transform
+from ..attacks import (
+    CertificateViolation,
+    assert_no_attack_inside_certificate,
+    pgd_training_transform,
+)
 from ..certify import certified_radius, lipschitz_upper_bound
 from ..losses import MarginLoss
 from ..models import mlp
@@ -28,21 +32,21 @@ from ..optim import AggMo, project_linf_
 from ..training import Schedule, evaluate, fit
 
 __all__ = [
-    "tightness_table",
-    "normalization_check",
-    "load_split",
-    "build",
-    "train",
-    "a6_table",
-    "robustness_curves",
-    "plot_curves",
-    "undead_rates",
-    "plot_undead",
-    "input_gradient_norms",
-    "plot_gradient_norms",
-    "time_step",
     "LABELS",
     "ROBUST_MODELS",
+    "a6_table",
+    "build",
+    "input_gradient_norms",
+    "load_split",
+    "normalization_check",
+    "plot_curves",
+    "plot_gradient_norms",
+    "plot_undead",
+    "robustness_curves",
+    "tightness_table",
+    "time_step",
+    "train",
+    "undead_rates",
 ]
 
 F64 = torch.float64
@@ -164,7 +168,7 @@ def load_split(dataset: str = "mnist", n_train_per_class: int | None = None, n_t
     x, y = load(train=True)
     if n_train_per_class is None:
         keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-        keep = keep[: int(round(train_fraction * len(y)))].sort().values
+        keep = keep[: round(train_fraction * len(y))].sort().values
         x, y = x[keep], y[keep]
     else:
         x, y = data.subset_per_class(x, y, n_train_per_class, seed=seed)
@@ -211,11 +215,11 @@ def train(name: str, model: nn.Module, method: str, train_data, test_data, *, ep
     kwargs = {}
     if method == "hinge":
         project_linf_(model)
-        opt = lambda p: AggMo(p, lr=lr, betas=(0.0, 0.9, 0.99))  # noqa: E731
+        opt = lambda p: AggMo(p, lr=lr, betas=(0.0, 0.9, 0.99))
         loss = MarginLoss(margin * l_constant)
         kwargs["after_step"] = project_linf_
     else:
-        opt = lambda p: torch.optim.Adam(p, lr=lr)  # noqa: E731
+        opt = lambda p: torch.optim.Adam(p, lr=lr)
         loss = nn.CrossEntropyLoss()
         if method == "pgd":
             kwargs["input_transform"] = pgd_training_transform(pgd_eps, pgd_steps, pgd_step_size)
