@@ -1,0 +1,380 @@
+r"""Book glue for chapter 05 (provable robustness on MNIST and Fashion-MNIST: A6, A8–A10).
+
+1. :func:`tightness_table` (the certified radii :math:`M/(\sqrt2 L)` and :math:`M/(2L)` are
+   attained by linear classifiers) and :func:`normalization_check` (an input normalization
+   multiplies the constant by :math:`1/\sigma`; forgetting it is caught by an attack).
+2. :func:`load_split`, :func:`build`, :func:`train`: the networks of A6 (standard vs
+   Lipschitz MLPs), A8 (the ℓ∞ MaxMin hinge net of Anil et al., trained by projected
+   gradient) and A9 (a standard and a PGD-trained ReLU net), through
+   :func:`lipsort.training.fit`, one checkpoint per model.
+3. :func:`a6_table` and :func:`robustness_curves`: accuracy, certified accuracy and attack
+   accuracy; every model goes through
+   :func:`lipsort.attacks.assert_no_attack_inside_certificate`. :func:`plot_curves` draws them.
+4. :func:`undead_rates`, :func:`input_gradient_norms` and their plots (A10).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..attacks import (
+    CertificateViolation,
+    assert_no_attack_inside_certificate,
+    pgd_training_transform,
+)
+from ..certify import certified_radius, lipschitz_upper_bound
+from ..losses import MarginLoss
+from ..models import mlp
+from ..optim import AggMo, project_linf_
+from ..training import Schedule, evaluate, fit
+
+__all__ = [
+    "LABELS",
+    "ROBUST_MODELS",
+    "a6_table",
+    "build",
+    "input_gradient_norms",
+    "load_split",
+    "normalization_check",
+    "plot_curves",
+    "plot_gradient_norms",
+    "plot_undead",
+    "robustness_curves",
+    "tightness_table",
+    "time_step",
+    "train",
+    "undead_rates",
+]
+
+F64 = torch.float64
+LABELS = {"relu": "ReLU", "maxmin": "MaxMin", "groupsort": "GroupSort", None: "standard",
+          "bjorck": "Björck", "spectral": "spectral", "linf": "ℓ∞"}
+#: The A8/A9 networks: name -> (activation, method).
+ROBUST_MODELS = {
+    "maxmin_linf": ("maxmin", "hinge"),  # A8
+    "relu_linf": ("relu", "hinge"),  # A8 with ReLU
+    "relu": ("relu", "standard"),  # A9
+    "relu_pgd": ("relu", "pgd"),  # A9
+}
+ROBUST_LABELS = {"maxmin_linf": "MaxMin, ℓ∞ + hinge (A8)", "relu_linf": "ReLU, ℓ∞ + hinge",
+                 "relu": "ReLU, standard (A9)", "relu_pgd": "ReLU, PGD-trained (A9)"}
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Theory: tight certificates and input normalization.
+
+
+def _two_class_linear(a: torch.Tensor) -> nn.Linear:
+    """Logits ``(a·x, −a·x)``: the margin ``2a·x`` of a linear classifier, no bias."""
+    net = nn.Linear(a.numel(), 2, bias=False).to(F64)
+    with torch.no_grad():
+        net.weight.copy_(torch.stack([a, -a]))
+    return net
+
+
+def tightness_table(dim: int = 16, n_points: int = 8, seed: int = 0):
+    r"""Certified radius vs the exact distance to the decision boundary, for linear classifiers.
+
+    For logits :math:`(a^\top x, -a^\top x)` the margin is :math:`M = 2a^\top x` and the
+    boundary :math:`a^\top x = 0` lies at ℓ2 distance :math:`|a^\top x|/\|a\|_2` and ℓ∞
+    distance :math:`|a^\top x|/\|a\|_1`. With :math:`L_2 = \|W\|_2 = \sqrt2\|a\|_2` and
+    :math:`L_\infty = \|W\|_\infty = \|a\|_1` the certificates :math:`M/(\sqrt2 L_2)` and
+    :math:`M/(2L_\infty)` equal these distances: the factors √2 and 2 cannot be improved.
+    Each row also steps to ``1 ± 1e-6`` times the radius along the worst direction and
+    records whether the prediction flipped (it must flip outside, never inside).
+    """
+    import pandas as pd
+
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(dim, generator=gen, dtype=F64)
+    x = torch.randn(n_points, dim, generator=gen, dtype=F64)
+    net = _two_class_linear(a)
+    with torch.no_grad():
+        y = net(x).argmax(1)
+        rows = []
+        for norm, direction, dist in (
+            ("l2", a / a.norm(), (x @ a).abs() / a.norm()),
+            ("linf", a.sign(), (x @ a).abs() / a.abs().sum()),
+        ):
+            lip = float(lipschitz_upper_bound(net, norm))
+            r = certified_radius(net(x), y, lip, norm)
+            towards = -torch.where(y == 0, 1.0, -1.0).to(F64)[:, None] * direction  # to the boundary
+            inside = net(x + (1 - 1e-6) * r[:, None] * towards).argmax(1) != y
+            outside = net(x + (1 + 1e-6) * r[:, None] * towards).argmax(1) != y
+            rows.append({"norm": norm, "L": lip, "max |r - distance|": float((r - dist).abs().max()),
+                         "flipped inside": int(inside.sum()), "flipped just outside": int(outside.sum()),
+                         "points": n_points})
+    return pd.DataFrame(rows)
+
+
+class _Normalize(nn.Module):
+    def __init__(self, mean: float, std: float):
+        super().__init__()
+        self.mean, self.std = mean, std
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+def normalization_check(mean: float = 0.1307, std: float = 0.3081, dim: int = 16, seed: int = 0) -> dict:
+    r"""An input normalization :math:`x \mapsto (x - \mu)/\sigma` multiplies ``L`` by :math:`1/\sigma`.
+
+    A linear two-class model ``f`` behind the normalization (pixels in [0, 1], the MNIST
+    statistics by default): the ℓ∞ constant of the composition is computed exactly (the
+    normalization as an explicit layer with constant :math:`1/\sigma`) and compared with
+    :math:`L_f/\sigma`; then :func:`assert_no_attack_inside_certificate` is run twice on the
+    pixel map, once with the right constant and once with :math:`L_f` (the normalization
+    forgotten): the first passes, the second must raise :class:`CertificateViolation`.
+    """
+    from ..certify import register_lipschitz_bound
+
+    register_lipschitz_bound(_Normalize, lambda m, norm: 1.0 / abs(m.std))
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(dim, generator=gen) / dim
+    f = _two_class_linear(a).float()
+    x = torch.rand(64, dim, generator=gen) * 0.5 + 0.25
+    y = f((x - mean) / std).argmax(1)
+    l_f = float(lipschitz_upper_bound(f, "linf"))
+    l_composed = float(lipschitz_upper_bound(nn.Sequential(_Normalize(mean, std), f), "linf"))
+    right = assert_no_attack_inside_certificate(f, x, y, norm="linf", eps=None,
+                                                normalization=(mean, std), per_point_steps=50)
+    try:
+        assert_no_attack_inside_certificate(f, x, y, lipschitz=l_f, norm="linf", eps=None,
+                                            normalization=(mean, std), per_point_steps=50)
+        caught = False
+    except CertificateViolation:
+        caught = True
+    return {"L_f": l_f, "L_composed": l_composed, "L_check": right["lipschitz"],
+            "ratio": l_composed / l_f, "wrong_constant_caught": caught}
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Data, models, training.
+
+
+def load_split(dataset: str = "mnist", n_train_per_class: int | None = None, n_test: int | None = None,
+               train_fraction: float = 0.9, seed: int = 0):
+    """(train, test) tensors: ``n_train_per_class`` images per class (stratified, seeded), or
+    with ``None`` the authors' random ``train_fraction`` of the training set (90/10 split);
+    the first ``n_test`` test images (all if ``None``)."""
+    from .. import data
+
+    if dataset not in ("mnist", "fashion_mnist"):
+        raise ValueError(f"dataset must be 'mnist' or 'fashion_mnist', got {dataset!r}")
+    load = getattr(data, dataset)
+    x, y = load(train=True)
+    if n_train_per_class is None:
+        keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+        keep = keep[: round(train_fraction * len(y))].sort().values
+        x, y = x[keep], y[keep]
+    else:
+        x, y = data.subset_per_class(x, y, n_train_per_class, seed=seed)
+    xt, yt = load(train=False)
+    if n_test is not None:
+        xt, yt = xt[:n_test], yt[:n_test]
+    return (x, y), (xt, yt)
+
+
+def build(activation: str, constraint: str | None, width: int, depth: int = 3, group_size: int = 4,
+          l_constant: float | None = None, bjorck_iters: int = 20) -> nn.Sequential:
+    """``Flatten → 784 → width ×depth → 10`` (:func:`lipsort.models.mlp`)."""
+    kwargs = {"n_iters": bjorck_iters} if constraint == "bjorck" else {}
+    body = mlp([784] + [width] * depth + [10], activation, constraint,
+               group_size=group_size if activation == "groupsort" else None, l_constant=l_constant, **kwargs)
+    return nn.Sequential(nn.Flatten(), *body)
+
+
+def _milestones(milestones) -> Schedule:
+    return Schedule.multistep(list(milestones), 0.1) if milestones else Schedule.constant()
+
+
+def train(name: str, model: nn.Module, method: str, train_data, test_data, *, epochs: int, batch_size: int,
+          lr: float, milestones, margin: float = 0.3, l_constant: float = 1000.0, pgd_steps: int = 40,
+          pgd_eps: float = 0.3, pgd_step_size: float = 0.01, checkpoint_dir: str = "", seed: int = 0,
+          device=None, progress: bool = False):
+    """Train one network with the authors' recipe for ``method``; returns the :class:`FitResult`.
+
+    * ``"standard"``: Adam, cross-entropy (A6, and A9's standard net);
+    * ``"hinge"``: A8, weights projected onto ‖W‖∞ ≤ 1 after every AggMo update
+      (:func:`project_linf_`, also once at the start), multi-class hinge with margin
+      ``margin·l_constant`` on a net whose layers are scaled to constant ``l_constant``;
+    * ``"pgd"``: A9's adversarial training, Adam on the cross-entropy of ℓ∞ PGD inputs
+      (:func:`pgd_training_transform`: ε, steps, step size, margin ascent, clamp to [0, 1]).
+
+    The learning rate is multiplied by 0.1 at each of ``milestones`` (epochs). With
+    ``checkpoint_dir`` the run writes ``<dir>/<name>.pt`` every epoch and resumes from it;
+    ``progress`` shows fit's bars and a line per epoch (with timings: off for the goldens).
+    """
+    from ..data import loader
+
+    if method not in ("standard", "hinge", "pgd"):
+        raise ValueError(f"method must be 'standard', 'hinge' or 'pgd', got {method!r}")
+    kwargs = {}
+    if method == "hinge":
+        project_linf_(model)
+        opt = lambda p: AggMo(p, lr=lr, betas=(0.0, 0.9, 0.99))
+        loss = MarginLoss(margin * l_constant)
+        kwargs["after_step"] = project_linf_
+    else:
+        opt = lambda p: torch.optim.Adam(p, lr=lr)
+        loss = nn.CrossEntropyLoss()
+        if method == "pgd":
+            kwargs["input_transform"] = pgd_training_transform(pgd_eps, pgd_steps, pgd_step_size)
+    path = None
+    if checkpoint_dir:
+        path = Path(checkpoint_dir).expanduser() / f"{name}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+    return fit(model, opt, loss, loader(train_data, batch_size, seed=seed), epochs,
+               eval_data=loader(test_data, 1000, shuffle=False), schedule=_milestones(milestones),
+               checkpoint=path, device=device, desc=name, progress=progress, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Accuracy, certificates, attacks.
+
+
+def _check_norm(constraint: str | None) -> str:
+    return "linf" if constraint == "linf" else "l2"
+
+
+def a6_table(runs: dict, test_data, n_check: int, check_steps: int = 50):
+    r"""One row per A6 network: test accuracy, Lipschitz bound and median certified radius (ℓ2,
+    or ℓ∞ for the ℓ∞ nets) on the first ``n_check`` test images, each checked by an attack at
+    every certified point's own radius (:func:`assert_no_attack_inside_certificate`)."""
+    import pandas as pd
+
+    x, y = test_data
+    rows = []
+    for (activation, constraint), result in runs.items():
+        net = result.model
+        acc = evaluate(net, [(x, y)])["acc"]
+        norm = _check_norm(constraint)
+        rep = assert_no_attack_inside_certificate(net, x[:n_check], y[:n_check], norm=norm, eps=None,
+                                                  per_point_steps=check_steps)
+        rows.append({"linear": LABELS[constraint], "activation": LABELS[activation], "norm": norm,
+                     "test acc": acc, "L bound": rep["lipschitz"],
+                     "median radius": float(rep["radius"].clamp_min(0).median()),
+                     "seconds/epoch": sum(result.history["seconds"]) / max(len(result.history["seconds"]), 1)})
+    return pd.DataFrame(rows)
+
+
+def robustness_curves(models: dict, test_data, eps_grid, n_eval: int, steps: int = 40, per_point_steps: int = 100):
+    r"""Clean, certified and attack accuracy over ``eps_grid`` (ℓ∞, pixels in [0, 1]).
+
+    Clean accuracy is over the whole ``test_data``; certified accuracy (margin
+    :math:`> 2L\varepsilon`, ``L`` the exact ℓ∞ bound) and attack accuracy (correct and not
+    flipped by torchattacks PGD, FGSM nor :func:`lipsort.attacks.pgd`, ``steps`` steps) over its
+    first ``n_eval`` images, by :func:`assert_no_attack_inside_certificate`, which raises if an
+    attack flips a certified point. Returns a long ``DataFrame`` (model, eps, clean, certified,
+    attack).
+    """
+    import pandas as pd
+
+    x, y = test_data
+    rows = []
+    for name, net in models.items():
+        clean = evaluate(net, [(x, y)])["acc"]
+        rep = assert_no_attack_inside_certificate(net, x[:n_eval], y[:n_eval], norm="linf",
+                                                  eps=list(eps_grid), steps=steps,
+                                                  per_point_steps=per_point_steps)
+        for e, c, a in zip(rep["eps"], rep["certified_acc"], rep["attack_acc"]):
+            rows.append({"model": name, "eps": e, "clean": clean, "certified": c, "attack": a,
+                         "L": rep["lipschitz"]})
+    return pd.DataFrame(rows)
+
+
+def plot_curves(curves_by_dataset: dict):
+    """One panel per dataset: certified (solid; only for nets that certify something at ε > 0)
+    and attack (dashed) accuracy against ε."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves_by_dataset), figsize=(5.2 * len(curves_by_dataset), 3.8),
+                             squeeze=False)
+    colors = dict(zip(ROBUST_MODELS, ("C0", "C1", "C2", "C3")))
+    for ax, (title, df) in zip(axes[0], curves_by_dataset.items()):
+        for name, part in df.groupby("model", sort=False):
+            c = colors.get(name, "k")
+            ax.plot(part.eps, part.attack, "--o", ms=3, color=c, label=f"{ROBUST_LABELS.get(name, name)}: attack")
+            if part[part.eps > 0].certified.max() > 0:  # else only the clean point
+                ax.plot(part.eps, part.certified, "-", color=c, label=f"{ROBUST_LABELS.get(name, name)}: certified")
+        ax.axvline(0.3, color="grey", lw=0.6, ls=":")
+        ax.set(title=title, xlabel="ε (ℓ∞, pixels in [0, 1])", ylabel="accuracy", ylim=(-0.02, 1.02))
+    axes[0][-1].legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. A10: undead units and gradient norms.
+
+
+def _hidden_activations(model: nn.Sequential, x: torch.Tensor) -> list[torch.Tensor]:
+    """Outputs of every activation module (ReLU, MaxMin, GroupSort), as LNets' get_activations."""
+    outs, h = [], x
+    with torch.no_grad():
+        for m in model:
+            h = m(h)
+            if not isinstance(m, (nn.Linear, nn.Flatten)) and type(m).__name__ != "Scale":
+                outs.append(h)
+    return outs
+
+
+def undead_rates(model: nn.Module, x: torch.Tensor, thresholds) -> torch.Tensor:
+    r"""Per layer and threshold ``t``: the fraction of units whose output is > 0 on at least a
+    fraction ``t`` of the inputs ``x`` (LNets ``check_undead.py``). Shape ``(len(t), layers)``."""
+    model.eval()
+    rates = [(a > 0).to(F64).mean(0) for a in _hidden_activations(model, x)]
+    t = torch.as_tensor(thresholds, dtype=F64)
+    return torch.stack([(r[None, :] >= t[:, None]).to(F64).mean(1) for r in rates], dim=1)
+
+
+def plot_undead(rates: dict, thresholds):
+    """Mean over layers of :func:`undead_rates` against ``t``, one line per network."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    for name, r in rates.items():
+        ax.plot(thresholds, r.mean(1).numpy(), label=name)
+    ax.set(xlabel="t (fraction of test inputs)", ylabel="fraction of units active on ≥ t", ylim=(-0.02, 1.02))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def input_gradient_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    r""":math:`\|\nabla_x f_y(x)\|_2` per input: the gradient of the true class's logit."""
+    model.eval()
+    x = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        (g,) = torch.autograd.grad(model(x).gather(1, y[:, None]).sum(), x)
+    return g.flatten(1).norm(dim=1).detach()
+
+
+def plot_gradient_norms(norms: dict):
+    """Histograms of :func:`input_gradient_norms`, one per network."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    hi = max(float(v.max()) for v in norms.values())
+    bins = torch.linspace(0, hi * 1.02, 60).numpy()
+    for name, v in norms.items():
+        ax.hist(v.numpy(), bins=bins, alpha=0.6, label=name)
+    ax.set(xlabel="‖∇ₓ f_y(x)‖₂", ylabel="test inputs")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def time_step(model: nn.Module, method: str, batch_size: int = 128, n_batches: int = 4, **kwargs) -> float:
+    """Seconds per training step of ``model`` under ``method`` (:func:`train` on random
+    MNIST-shaped batches): the second of two epochs of ``n_batches`` steps, divided by
+    ``n_batches``. Multiply by the steps per epoch for the cost of an epoch."""
+    x = torch.rand(batch_size * n_batches, 1, 28, 28)
+    y = torch.randint(0, 10, (len(x),))
+    kwargs.setdefault("lr", 1e-3)
+    result = train("timing", model, method, (x, y), (x[:2], y[:2]), epochs=2, batch_size=batch_size,
+                   milestones=[], **kwargs)
+    return result.history["seconds"][1] / n_batches

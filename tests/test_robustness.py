@@ -1,0 +1,77 @@
+"""Chapter 05 glue: the A8/A9 training recipes resume exactly from their checkpoints, the A8
+net stays inside its ℓ∞ constraint, and the A10 statistics follow their definitions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lipsort.certify import lipschitz_upper_bound
+from lipsort.experiments import robustness as xr
+from lipsort.runtime import num_threads
+
+
+def _data(n=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def _run(method, epochs, ckpt_dir, **kw):
+    torch.manual_seed(0)
+    net = xr.build("maxmin" if method == "hinge" else "relu", None, 8, depth=2,
+                   l_constant=1000.0 if method == "hinge" else None)
+    data = _data()
+    return xr.train(f"t.{method}", net, method, data, data, epochs=epochs, batch_size=16,
+                    lr=3.3e-3 if method == "hinge" else 1e-3, milestones=[2],
+                    pgd_steps=2, checkpoint_dir=ckpt_dir, **kw)
+
+
+@pytest.mark.parametrize("method", ["hinge", "pgd"])
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path, method):
+    with num_threads(1):
+        whole = _run(method, 3, str(tmp_path / "a"))
+        first = _run(method, 2, str(tmp_path / "b"))
+        resumed = _run(method, 3, str(tmp_path / "b"))
+    assert first.resumed_from is None and resumed.resumed_from == 2
+    assert (tmp_path / "b" / f"t.{method}.pt").is_file()
+    for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert whole.history["lr"] == [1e-3 if method == "pgd" else 3.3e-3] * 2 + [pytest.approx(
+        (1e-3 if method == "pgd" else 3.3e-3) * 0.1)]
+
+
+def test_hinge_net_is_l_constant_lipschitz_in_linf():
+    result = _run("hinge", 1, "")
+    bound = float(lipschitz_upper_bound(result.model, "linf"))
+    assert bound <= 1000.0 * (1 + 1e-6)
+    for m in result.model:
+        if isinstance(m, torch.nn.Linear):  # projected after every step: rows in the ℓ1 ball
+            assert float(m.weight.detach().double().abs().sum(1).max()) <= 1.0
+
+
+def test_bad_method_and_dataset_are_named():
+    with pytest.raises(ValueError, match="method"):
+        xr.train("x", xr.build("relu", None, 8), "adversarial", _data(), _data(), epochs=1,
+                 batch_size=8, lr=1e-3, milestones=[])
+    with pytest.raises(ValueError, match="dataset"):
+        xr.load_split("cifar10")
+
+
+def test_undead_rates_by_hand():
+    net = xr.build("relu", None, 4, depth=1)
+    with torch.no_grad():  # unit i is on for inputs whose first pixel exceeds i/4
+        net[1].weight.zero_()
+        net[1].weight[:, 0] = 1.0
+        net[1].bias.copy_(-torch.arange(4) / 4)
+    x = torch.zeros(100, 1, 28, 28)
+    x[:, 0, 0, 0] = (torch.arange(100) + 0.5) / 100
+    rates = xr.undead_rates(net, x, [0.0, 0.5, 0.76, 1.0])
+    # units are active on fractions 1, 0.75, 0.5, 0.25 of the inputs
+    assert rates[:, 0].tolist() == [1.0, 0.75, 0.25, 0.25]
+
+
+def test_input_gradient_norm_of_a_linear_net():
+    net = xr.build("relu", None, 4, depth=0)  # Flatten then one Linear: the gradient is a row
+    x, y = _data(5)
+    expected = net[1].weight[y].norm(dim=1)
+    torch.testing.assert_close(xr.input_gradient_norms(net, x, y), expected.detach())
