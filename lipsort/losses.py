@@ -2,12 +2,13 @@ r"""Classification losses for Lipschitz networks.
 
 A Lipschitz network cannot make its logits large, so the loss decides how the margin — and
 hence the certified radius (:mod:`lipsort.certify`) — is traded against accuracy
-(Béthune et al., 2022). Four losses, all ``torch.nn`` modules with
+(Béthune et al., 2022). Five losses, all ``torch.nn`` modules with
 ``reduction`` in ``{"mean", "sum", "none"}``:
 
 * :class:`MarginLoss`: the multi-class hinge of Anil et al. (2019) and Li et al. (2019),
   i.e. torch's ``multi_margin_loss``.
 * :class:`KRLoss`: the Kantorovich–Rubinstein (Wasserstein dual) objective, negated.
+* :class:`HingeLoss`: the one-vs-rest hinge :math:`\mathbb E\,(m - y f)_+` of Béthune et al.
 * :class:`HKRLoss`: :math:`-\mathrm{KR} + \alpha\,\mathrm{hinge}`.
 * :class:`TauCrossEntropyLoss`: :math:`\mathrm{CE}(\tau f)/\tau`.
 
@@ -28,7 +29,7 @@ from torch import Tensor, nn
 
 from ._checks import binary_labels
 
-__all__ = ["HKRLoss", "KRLoss", "MarginLoss", "TauCrossEntropyLoss"]
+__all__ = ["HKRLoss", "HingeLoss", "KRLoss", "MarginLoss", "TauCrossEntropyLoss"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -224,6 +225,46 @@ class KRLoss(nn.Module):
         return f"reduction={self.reduction!r}"
 
 
+class HingeLoss(nn.Module):
+    r"""One-vs-rest hinge with margin ``m``: the hinge term of :class:`HKRLoss` alone (α = ∞).
+
+    Binary scores with signs :math:`y \in \{-1, +1\}`:
+    :math:`\mathcal L(f) = \mathbb E\,(m - y f(x))_+`. Multi-class, every logit against its
+    one-vs-rest label, the true class weighted ``C−1``:
+
+    .. math::
+        \ell(f, y) = \frac1C \Bigl[(C-1)\,(m - f_y)_+ + \sum_{k \ne y} (m + f_k)_+\Bigr].
+
+    Zero iff every true logit is ``≥ m`` and every other ``≤ −m``, so the margin
+    :math:`f_y - \max_{k \ne y} f_k` is then at least ``2m``. This is deel-lip's
+    ``MulticlassHinge`` with the paper's (uncentred) margin; unlike :class:`MarginLoss` it
+    constrains each logit's sign, not only the differences.
+
+    Args:
+        margin: the margin ``m ≥ 0``.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+
+    Example:
+        >>> logits = torch.tensor([[2.0, -0.5, 0.3]])
+        >>> HingeLoss(margin=1.0)(logits, torch.tensor([0]))  # (2·0 + 0.5 + 1.3) / 3
+        tensor(0.6000)
+    """
+
+    def __init__(self, margin: float = 1.0, reduction: str = "mean"):
+        super().__init__()
+        if not margin >= 0:
+            raise ValueError(f"margin must be non-negative, got {margin!r}")
+        self.margin = float(margin)
+        self.reduction = _check_reduction(reduction)
+
+    def forward(self, scores: Tensor, target: Tensor) -> Tensor:
+        _check_scores(scores)
+        return _reduce(_hinge_terms(scores, target, self.margin), self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"margin={self.margin}, reduction={self.reduction!r}"
+
+
 class HKRLoss(nn.Module):
     r"""Hinge-regularized KR loss :math:`-\mathrm{KR} + \alpha\,\mathrm{hinge}` (Béthune et al.).
 
@@ -253,7 +294,8 @@ class HKRLoss(nn.Module):
 
     Args:
         alpha: weight of the hinge term (α ≥ 0; the paper sweeps 5…300).
-        margin: the hinge margin ``m`` (> 0).
+        margin: the hinge margin ``m ≥ 0`` (``m = 0`` leaves a perceptron term ``(−y f)_+``,
+            one of the two-moons settings of the paper's code).
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-sample terms whose mean is the loss).
 
     Example:
@@ -269,8 +311,8 @@ class HKRLoss(nn.Module):
         super().__init__()
         if not alpha >= 0:
             raise ValueError(f"alpha must be non-negative, got {alpha!r}")
-        if not margin > 0:
-            raise ValueError(f"margin must be positive, got {margin!r}")
+        if not margin >= 0:
+            raise ValueError(f"margin must be non-negative, got {margin!r}")
         self.alpha = float(alpha)
         self.margin = float(margin)
         self.reduction = _check_reduction(reduction)

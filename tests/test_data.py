@@ -269,3 +269,87 @@ def test_torchvision_import_workaround(monkeypatch):
     )
     with pytest.raises(RuntimeError, match="roi_align"):
         tvmod.import_torchvision()
+
+
+# ------------------------------------------------------------------------- CIFAR-10 stand-in
+
+
+def _write_cifar_standin(root, n_per_batch=7, seed=0):
+    """Synthetic CIFAR-10 batches in the archive's format (pickled dicts of bytes keys)."""
+    import pickle
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    written = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        pixels = rng.integers(0, 256, size=(n_per_batch, 3072), dtype=np.uint8)
+        labels = rng.integers(0, 10, size=n_per_batch).tolist()
+        with open(folder / name, "wb") as fh:
+            pickle.dump({b"data": pixels, b"labels": labels, b"batch_label": b"x"}, fh)
+        written[name] = (pixels, labels)
+    return written
+
+
+def test_cifar10_reads_the_archive_layout(tmp_path):
+    written = _write_cifar_standin(tmp_path)
+    x, y = data.cifar10(train=True, root=tmp_path, download=False)
+    assert x.shape == (35, 3, 32, 32) and x.dtype == torch.float32
+    assert y.shape == (35,) and y.dtype == torch.int64
+    first, labels = written["data_batch_1"]
+    # Row layout: 1024 red values, then green, then blue, each a 32x32 row-major plane.
+    assert x[0, 1, 2, 3].item() == pytest.approx(first[0, 1024 + 2 * 32 + 3] / 255.0)
+    assert x[6, 2, 31, 31].item() == pytest.approx(first[6, 3071] / 255.0)
+    assert y[:7].tolist() == labels
+    assert y[28:].tolist() == written["data_batch_5"][1]
+    xt, yt = data.cifar10(train=False, root=tmp_path, download=False)
+    assert xt.shape == (7, 3, 32, 32) and yt.tolist() == written["test_batch"][1]
+    assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+
+
+def test_cifar10_read_only_root_is_not_written(tmp_path):
+    _write_cifar_standin(tmp_path)
+    folder = tmp_path / "cifar-10-batches-py"
+    before = sorted(p.name for p in folder.iterdir())
+    folder.chmod(0o555)
+    try:
+        data.cifar10(train=False, root=tmp_path, download=False)
+    finally:
+        folder.chmod(0o755)
+    assert sorted(p.name for p in folder.iterdir()) == before
+
+
+def test_cifar10_missing_names_the_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv(data.ENV_VAR, str(tmp_path))
+    with pytest.raises(data.DatasetNotFoundError) as err:
+        data.cifar10(train=True, download=False)
+    msg = str(err.value)
+    assert str(tmp_path / "cifar-10-batches-py") in msg
+    assert "data_batch_1" in msg and data.ENV_VAR in msg and "download=False" in msg
+
+
+def test_cifar10_failed_download_is_reported(tmp_path, monkeypatch):
+    import lipsort._torchvision as tvmod
+
+    class _Fails:
+        class datasets:
+            @staticmethod
+            def CIFAR10(root, train, download):
+                raise OSError("no network here")
+
+    monkeypatch.setattr(tvmod, "import_torchvision", lambda: _Fails)
+    with pytest.raises(data.DatasetNotFoundError, match="no network here") as err:
+        data.cifar10(train=False, root=tmp_path, download=True)
+    assert str(tmp_path / "cifar-10-batches-py") in str(err.value)
+
+
+def test_cifar10_malformed_batch_raises(tmp_path):
+    import pickle
+
+    _write_cifar_standin(tmp_path)
+    with open(tmp_path / "cifar-10-batches-py" / "test_batch", "wb") as fh:
+        pickle.dump({b"data": [[1, 2, 3]], b"labels": [0]}, fh)
+    with pytest.raises(RuntimeError, match="not a CIFAR-10 batch"):
+        data.cifar10(train=False, root=tmp_path, download=False)

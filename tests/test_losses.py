@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as nnf
 
-from lipsort.losses import HKRLoss, KRLoss, MarginLoss, TauCrossEntropyLoss
+from lipsort.losses import HingeLoss, HKRLoss, KRLoss, MarginLoss, TauCrossEntropyLoss
 
 D = torch.float64
 
@@ -252,7 +252,9 @@ def test_kr_gradient_is_the_class_weights():
 # ---------------------------------------------------------------------------------- errors
 
 
-@pytest.mark.parametrize("loss", [MarginLoss(), KRLoss(), HKRLoss(), TauCrossEntropyLoss()])
+@pytest.mark.parametrize(
+    "loss", [MarginLoss(), KRLoss(), HingeLoss(), HKRLoss(), TauCrossEntropyLoss()]
+)
 def test_bad_class_labels_and_shapes_raise(loss):
     logits = torch.zeros(4, 3, dtype=D)
     with pytest.raises(ValueError, match="class indices"):
@@ -269,7 +271,7 @@ def test_bad_class_labels_and_shapes_raise(loss):
         loss(torch.zeros(4, 3, dtype=torch.long), torch.tensor([0, 1, 2, 0]))
 
 
-@pytest.mark.parametrize("loss", [KRLoss(), HKRLoss(), TauCrossEntropyLoss()])
+@pytest.mark.parametrize("loss", [KRLoss(), HingeLoss(), HKRLoss(), TauCrossEntropyLoss()])
 def test_bad_binary_labels_raise(loss):
     f = torch.zeros(4, dtype=D)
     with pytest.raises(ValueError, match=r"\{0, 1\}"):
@@ -293,7 +295,9 @@ def test_margin_loss_needs_logits_per_class():
         lambda: MarginLoss(reduction="avg"),
         lambda: KRLoss(reduction="max"),
         lambda: HKRLoss(alpha=-1.0),
-        lambda: HKRLoss(margin=0.0),
+        lambda: HKRLoss(margin=-0.1),
+        lambda: HingeLoss(margin=-1.0),
+        lambda: HingeLoss(reduction="avg"),
         lambda: TauCrossEntropyLoss(0.0),
         lambda: TauCrossEntropyLoss(-2.0),
     ],
@@ -301,3 +305,72 @@ def test_margin_loss_needs_logits_per_class():
 def test_bad_hyperparameters_raise(make):
     with pytest.raises(ValueError):
         make()
+
+
+# ------------------------------------------------------------- literal values worked by hand
+
+
+def test_values_worked_out_by_hand_binary():
+    # f = (2, 0.5, -1, 0), labels (+, +, -, -): E+ f = 1.25, E- f = -0.5, so KR = 1.75.
+    f = torch.tensor([2.0, 0.5, -1.0, 0.0], dtype=D)
+    y = torch.tensor([1, 1, 0, 0])
+    assert KRLoss()(f, y).item() == pytest.approx(-1.75, abs=1e-15)
+    # Hinge at m = 1: (1-2)+ = 0, (1-0.5)+ = 0.5, (1-1)+ = 0, (1-0)+ = 1 -> mean 0.375.
+    assert HingeLoss(1.0)(f, y).item() == pytest.approx(0.375, abs=1e-15)
+    assert HingeLoss(1.0, reduction="sum")(f, y).item() == pytest.approx(1.5, abs=1e-15)
+    # HKR with alpha = 10: -1.75 + 10 * 0.375 = 2.0.
+    assert HKRLoss(10.0, 1.0)(f, y).item() == pytest.approx(2.0, abs=1e-14)
+    # m = 0 keeps only the misclassified: here none (every sign is right or zero) -> HKR = -KR.
+    assert HKRLoss(10.0, 0.0)(f, y).item() == pytest.approx(-1.75, abs=1e-15)
+    # tau-CE, binary: log(1 + exp(-tau*y*f)) / tau; at f = 0.5, y = +, tau = 2: log(1 + e^-1) / 2.
+    one = TauCrossEntropyLoss(2.0)(torch.tensor([0.5], dtype=D), torch.tensor([1]))
+    assert one.item() == pytest.approx(0.5 * math.log1p(math.exp(-1.0)), rel=1e-14)
+    assert one.item() == pytest.approx(0.1566308, abs=1e-7)
+
+
+def test_values_worked_out_by_hand_multiclass():
+    logits = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 1.0]], dtype=D)
+    y = torch.tensor([0, 1, 0])
+    # Class 0: E_{y=0} f0 = 2, E_{y!=0} f0 = 0 -> 2. Class 1: E_{y=1} f1 = 2, E_{y!=1} f1 = 0.5
+    # -> 1.5. One-vs-rest KR = (2 + 1.5) / 2 = 1.75.
+    assert KRLoss()(logits, y).item() == pytest.approx(-1.75, abs=1e-15)
+    # Hinge at m = 1, C = 2 (true-class weight C - 1 = 1), per sample, then the mean:
+    # (0 + 1)/2 = 0.5; (1 + 0)/2 = 0.5; (0 + 2)/2 = 1 -> 2/3.
+    torch.testing.assert_close(
+        HingeLoss(1.0, reduction="none")(logits, y), torch.tensor([0.5, 0.5, 1.0], dtype=D)
+    )
+    # C = 3: (2 (1-2)+ + (1-0.5)+ + (1+0.3)+) / 3 = (0 + 0.5 + 1.3) / 3 = 0.6.
+    three = torch.tensor([[2.0, -0.5, 0.3]], dtype=D)
+    assert HingeLoss(1.0)(three, torch.tensor([0])).item() == pytest.approx(0.6, abs=1e-15)
+    # tau-CE at tau = 0.5 of logits (1, -1), class 0: CE((0.5, -0.5)) / 0.5 = 2 log(1 + e^-1).
+    got = TauCrossEntropyLoss(0.5)(torch.tensor([[1.0, -1.0]], dtype=D), torch.tensor([0]))
+    assert got.item() == pytest.approx(2 * math.log1p(math.exp(-1.0)), rel=1e-14)
+    assert got.item() == pytest.approx(0.6265233, abs=1e-7)
+    # MarginLoss (sum over wrong classes / C) of (2, 1.5, -1) at m = 1: (0.5 + 0) / 3.
+    m = MarginLoss(1.0)(torch.tensor([[2.0, 1.5, -1.0]], dtype=D), torch.tensor([0]))
+    assert m.item() == pytest.approx(1 / 6, abs=1e-15)
+
+
+def test_hinge_loss_is_the_hinge_term_of_hkr():
+    logits, y = _data(20, 4, seed=17)
+    for m in (0.0, 0.3, 1.2):
+        torch.testing.assert_close(
+            HingeLoss(m, reduction="none")(logits, y), _hinge_multiclass_by_hand(logits, y, m)
+        )
+        # HKR = -KR + alpha * hinge, for any alpha.
+        torch.testing.assert_close(
+            HKRLoss(7.0, m)(logits, y), KRLoss()(logits, y) + 7.0 * HingeLoss(m)(logits, y)
+        )
+
+
+def test_hinge_zero_iff_every_logit_has_the_margin():
+    logits = torch.tensor([[1.0, -1.0, -1.5]], dtype=D)
+    y = torch.tensor([0])
+    assert HingeLoss(1.0)(logits, y).item() == 0.0
+    assert HingeLoss(1.0 + 1e-9)(logits, y).item() > 0.0
+
+
+def test_hinge_gradcheck():
+    logits, y = _data(8, 3, seed=23)
+    logits.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda f: HingeLoss(0.4)(f, y), (logits,))
