@@ -1,4 +1,4 @@
-"""Datasets as in-memory tensors: MNIST and Fashion-MNIST through torchvision.
+"""Datasets as in-memory tensors: MNIST, Fashion-MNIST and CIFAR-10 through torchvision.
 
 Where the data lives (:func:`data_root`): an explicit ``root`` argument, else the environment
 variable ``LIPSORT_DATA``, else ``~/.cache/lipsort/data``. The root uses torchvision's layout
@@ -38,6 +38,7 @@ __all__ = [
     "DatasetNotFoundError",
     "TensorLoader",
     "cache_root",
+    "cifar10",
     "data_root",
     "fashion_mnist",
     "loader",
@@ -338,6 +339,57 @@ def fashion_mnist(
         10
     """
     return _load(_FASHION, train, root, download)
+
+
+#: Where CIFAR-10 comes from (torchvision's ``cifar-10-batches-py`` unpacks from it).
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+
+
+def cifar10(
+    train: bool = True, root=None, download: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CIFAR-10 as tensors: images ``(N, 3, 32, 32)`` float32 in [0, 1], labels ``(N,)`` int64.
+
+    ``N`` is 50000 (``train=True``) or 10000. Read by torchvision (which checks the md5 sums)
+    from ``<root>/cifar-10-batches-py/`` (``root`` as in :func:`mnist`). Not cached: the
+    batches are already arrays.
+
+    Raises:
+        DatasetNotFoundError: torchvision is missing, or the folder is missing or corrupted
+            and downloading is disabled or failed; the message names the folder tried and
+            how to get the data.
+
+    Example:
+        >>> x, y = cifar10(train=False)  # doctest: +SKIP
+        >>> x.shape, int(y.max()) + 1  # doctest: +SKIP
+        (torch.Size([10000, 3, 32, 32]), 10)
+    """
+    src = data_root(root)
+    folder = src / "cifar-10-batches-py"
+    split = "train" if train else "test"
+    env = os.environ.get(ENV_VAR)
+    how = (
+        f"To get it: download {CIFAR10_URL} and unpack it into {src} (which creates {folder}), "
+        f"or run once with network access and download=True, or set {ENV_VAR} to a folder "
+        f"holding cifar-10-batches-py ({ENV_VAR} is currently {'unset' if env is None else repr(env)})."
+    )
+    try:
+        from ._torchvision import import_torchvision
+
+        datasets = import_torchvision().datasets
+    except ImportError as err:
+        raise DatasetNotFoundError(f"CIFAR-10 needs torchvision, which is missing ({err}). {how}")
+    try:
+        ds = datasets.CIFAR10(str(src), train=train, download=download)
+    except Exception as err:  # torchvision: RuntimeError (missing/corrupted), URLError, ...
+        raise DatasetNotFoundError(
+            f"CIFAR-10 ({split} split) is not available: tried {folder}. {err}\n{how}"
+        ) from err
+    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+    labels = torch.as_tensor(ds.targets, dtype=torch.int64)
+    if images.dtype != torch.uint8 or images.shape[1:] != (3, 32, 32):
+        raise RuntimeError(f"CIFAR-10 under {folder} decodes to {tuple(images.shape)} {images.dtype}")
+    return images.to(torch.float32).div_(255.0), labels
 
 
 def subset_per_class(
