@@ -149,16 +149,19 @@ def bcop_large(
     input_size: int = 28,
     num_classes: int = 10,
     n_iters: int = 20,
+    fc_width: int = 512,
 ) -> nn.Sequential:
     """Li et al.'s Large network: conv 32 3×3, conv 32 4×4/2, conv 64 3×3, conv 64 4×4/2,
-    FC 512, FC 512, FC 10, MaxMin. Arguments as :func:`bcop_small`.
+    FC 512, FC 512, FC 10, MaxMin. Arguments as :func:`bcop_small`; ``fc_width`` replaces
+    the 512 of the two hidden dense layers (a cheaper variant for smoke runs).
 
     Example:
         >>> sum(isinstance(m, MaxMin) for m in bcop_large("ossn"))
         6
     """
     convs = [(32, 3, 1), (32, 4, 2), (64, 3, 1), (64, 4, 2)]
-    return _convnet(convs, [512, 512], conv, in_channels, input_size, num_classes, n_iters)
+    fc_width = check_int(fc_width, "fc_width")
+    return _convnet(convs, [fc_width] * 2, conv, in_channels, input_size, num_classes, n_iters)
 
 
 def fc3(in_features: int = 784, num_classes: int = 10, width: int = 1024, n_iters: int = 20):

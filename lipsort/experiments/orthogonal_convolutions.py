@@ -162,8 +162,9 @@ def components_table(n=4, kernel=3, seed=0):
                 with torch.no_grad():
                     small.ortho_orig[0].neg_()
             big = C.embed_bcop(small).eval()
-            y = big(torch.cat([x, torch.zeros_like(x)], 1))
-            err = float(max((y[:, :n] - small(x)).abs().max(), y[:, n:].abs().max()))
+            with torch.no_grad():
+                y = big(torch.cat([x, torch.zeros_like(x)], 1))
+                err = float(max((y[:, :n] - small(x)).abs().max(), y[:, n:].abs().max()))
             rows.append({"ranks": str(ranks), "invariants": str(C.component_invariants(small)),
                          "embedded ranks": str(sorted(set(big.projector_ranks))),
                          "embedded invariants": str(C.component_invariants(big)),
@@ -228,7 +229,8 @@ def _ckpt_name(config: dict) -> str:
     return f"{config['data']}-{config['net']}-{config['conv']}-s{config['seed']}-{digest}.pt"
 
 
-def build(net: str, conv: str, *, n_iters=20, fc3_width=1024, in_channels=1, input_size=28):
+def build(net: str, conv: str, *, n_iters=20, fc3_width=1024, large_fc_width=512, in_channels=1,
+          input_size=28):
     """The network ``net`` ∈ {small, large, fc3} with convolutions ``conv`` (``"bcop_frozen"``:
     BCOP whose projector parameters are frozen, the paper's ablation)."""
     kind = "bcop" if conv == "bcop_frozen" else conv
@@ -236,7 +238,7 @@ def build(net: str, conv: str, *, n_iters=20, fc3_width=1024, in_channels=1, inp
     if net == "small":
         model = C.bcop_small(kind, **kw)
     elif net == "large":
-        model = C.bcop_large(kind, **kw)
+        model = C.bcop_large(kind, fc_width=large_fc_width, **kw)
     elif net == "fc3":
         model = C.fc3(in_channels * input_size**2, width=fc3_width, n_iters=n_iters)
     else:
@@ -255,17 +257,19 @@ def _schedule(name: str, step: int) -> Schedule:
 
 
 def train_classifier(data_name, net, conv, train, test, *, seed, epochs, batch_size, lr,
-                     schedule, lr_step, margin, radii, n_iters, fc3_width, ckpt_dir, pgd_n,
+                     schedule, lr_step, margin, radii, n_iters, fc3_width, large_fc_width, ckpt_dir, pgd_n,
                      pgd_steps, pgd_step_size, pgd_eps, device, progress=True) -> Run:
     """Train ``net``/``conv`` with the margin loss through :func:`lipsort.training.fit` (with a
     checkpoint), then evaluate: clean and certified accuracy at ``radii`` on ``test``, and
     ℓ2 PGD accuracy at ``pgd_eps`` on its first ``pgd_n`` images."""
     torch.manual_seed(seed)
-    model = build(net, conv, n_iters=n_iters, fc3_width=fc3_width).to(device)
+    model = build(net, conv, n_iters=n_iters, fc3_width=fc3_width,
+                  large_fc_width=large_fc_width).to(device)
     frozen0 = [m.proj_orig.detach().clone() for m in model.modules() if isinstance(m, C.BCOP)]
     config = dict(data=data_name, net=net, conv=conv, seed=seed, epochs=epochs,
                   batch=batch_size, lr=lr, schedule=schedule, lr_step=lr_step, margin=margin,
                   n_iters=n_iters, fc3_width=fc3_width if net == "fc3" else None,
+                  large_fc_width=large_fc_width if net == "large" else None,
                   n_train=int(train[1].shape[0]))  # fmt: skip
     config.pop("epochs")  # a longer run continues the same checkpoint
     params = [p for p in model.parameters() if p.requires_grad]
