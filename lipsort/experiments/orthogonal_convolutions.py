@@ -293,6 +293,7 @@ def train_classifier(data_name, net, conv, train, test, *, seed, epochs, batch_s
                 certified += len(yb) * float(
                     certified_accuracy(model(xb), yb, pgd_eps, ev["lipschitz"]))
         pgd, pgd_cert = correct / pgd_n, certified / pgd_n
+        model.eval()  # torchattacks leaves the model in training mode
     change = None
     if conv == "bcop_frozen":
         now = [m.proj_orig.detach() for m in model.modules() if isinstance(m, C.BCOP)]
