@@ -1,4 +1,4 @@
-"""Datasets as in-memory tensors: MNIST and Fashion-MNIST through torchvision, and CIFAR-10.
+"""Datasets as in-memory tensors: MNIST, Fashion-MNIST and CIFAR-10 through torchvision.
 
 Where the data lives (:func:`data_root`): an explicit ``root`` argument, else the environment
 variable ``LIPSORT_DATA``, else ``~/.cache/lipsort/data``. The root uses torchvision's layout
@@ -341,40 +341,23 @@ def fashion_mnist(
     return _load(_FASHION, train, root, download)
 
 
-_CIFAR10_FOLDER = "cifar-10-batches-py"  # torchvision's (and the authors' archive's) folder
+#: Where CIFAR-10 comes from (torchvision's ``cifar-10-batches-py`` unpacks from it).
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 
 
-def _cifar10_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    import pickle
-
-    import numpy as np
-
-    with open(path, "rb") as fh:
-        batch = pickle.load(fh, encoding="bytes")  # the archive's format: pickled dicts
-    batch = batch if isinstance(batch, dict) else {}
-    pixels = np.asarray(batch.get(b"data", np.zeros((0, 0))))
-    labels = np.asarray(batch.get(b"labels", []), dtype=np.int64)
-    if pixels.dtype != np.uint8 or pixels.shape[1:] != (3072,) or labels.shape != pixels.shape[:1] \
-            or labels.size == 0 or labels.min() < 0 or labels.max() > 9:
-        raise RuntimeError(f"{path} is not a CIFAR-10 batch: expected a dict with b'data', uint8 "
-                           f"(n, 3072), and b'labels', n labels in 0..9")
-    return torch.from_numpy(pixels.copy()), torch.from_numpy(labels)
-
-
-def cifar10(train: bool = True, root=None, download: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def cifar10(
+    train: bool = True, root=None, download: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """CIFAR-10 as tensors: images ``(N, 3, 32, 32)`` float32 in [0, 1], labels ``(N,)`` int64.
 
-    Reads torchvision's layout, ``<root>/cifar-10-batches-py/data_batch_1 … data_batch_5`` (train,
-    N = 50000) and ``test_batch`` (N = 10000): pickled dicts holding ``b"data"``, uint8 rows of
-    3072 values (the red, green and blue 32×32 planes in turn), and ``b"labels"``. Nothing is
-    written when the files are there, so a read-only root works. When they are missing and
-    ``download`` is true, ``torchvision.datasets.CIFAR10`` fetches and unpacks them into ``root``
-    (network access and a writable root needed).
+    ``N`` is 50000 (``train=True``) or 10000. Read by torchvision (which checks the md5 sums)
+    from ``<root>/cifar-10-batches-py/`` (``root`` as in :func:`mnist`). Not cached: the
+    batches are already arrays.
 
     Raises:
-        DatasetNotFoundError: files missing and downloading disabled or failed; the message
-            names the folder tried and the ``LIPSORT_DATA`` variable.
-        RuntimeError: a file that is not a CIFAR-10 batch.
+        DatasetNotFoundError: torchvision is missing, or the folder is missing or corrupted
+            and downloading is disabled or failed; the message names the folder tried and
+            how to get the data.
 
     Example:
         >>> x, y = cifar10(train=False)  # doctest: +SKIP
@@ -382,30 +365,31 @@ def cifar10(train: bool = True, root=None, download: bool = True) -> tuple[torch
         (torch.Size([10000, 3, 32, 32]), 10)
     """
     src = data_root(root)
-    folder = src / _CIFAR10_FOLDER
-    names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
-    missing = [n for n in names if not (folder / n).is_file()]
-    detail = f"Files missing: {', '.join(missing)}; downloading is disabled (download=False)."
-    if missing and download:
+    folder = src / "cifar-10-batches-py"
+    split = "train" if train else "test"
+    env = os.environ.get(ENV_VAR)
+    how = (
+        f"To get it: download {CIFAR10_URL} and unpack it into {src} (which creates {folder}), "
+        f"or run once with network access and download=True, or set {ENV_VAR} to a folder "
+        f"holding cifar-10-batches-py ({ENV_VAR} is currently {'unset' if env is None else repr(env)})."
+    )
+    try:
         from ._torchvision import import_torchvision
 
-        try:
-            import_torchvision().datasets.CIFAR10(str(src), train=train, download=True)
-            detail = ""
-        except Exception as err:  # noqa: BLE001 -- no network, read-only root, bad archive...
-            detail = f"Downloading through torchvision failed: {err}"
-        missing = [n for n in names if not (folder / n).is_file()]
-    if missing:
-        env = os.environ.get(ENV_VAR)
+        datasets = import_torchvision().datasets
+    except ImportError as err:
+        raise DatasetNotFoundError(f"CIFAR-10 needs torchvision, which is missing ({err}). {how}")
+    try:
+        ds = datasets.CIFAR10(str(src), train=train, download=download)
+    except Exception as err:  # torchvision: RuntimeError (missing/corrupted), URLError, ...
         raise DatasetNotFoundError(
-            f"CIFAR-10 ({'train' if train else 'test'} split) is not available: tried {folder}. "
-            f"{detail or 'Files missing: ' + ', '.join(missing)}\nTo get it: run once with network "
-            f"access and download=True, or set {ENV_VAR} to a folder holding {_CIFAR10_FOLDER}/ "
-            f"({ENV_VAR} is currently {'unset' if env is None else repr(env)})."
-        )
-    parts = [_cifar10_batch(folder / n) for n in names]
-    pixels = torch.cat([p for p, _ in parts]).reshape(-1, 3, 32, 32)
-    return pixels.to(torch.float32).div_(255.0), torch.cat([lab for _, lab in parts])
+            f"CIFAR-10 ({split} split) is not available: tried {folder}. {err}\n{how}"
+        ) from err
+    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+    labels = torch.as_tensor(ds.targets, dtype=torch.int64)
+    if images.dtype != torch.uint8 or images.shape[1:] != (3, 32, 32):
+        raise RuntimeError(f"CIFAR-10 under {folder} decodes to {tuple(images.shape)} {images.dtype}")
+    return images.to(torch.float32).div_(255.0), labels
 
 
 def subset_per_class(

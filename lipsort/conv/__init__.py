@@ -7,6 +7,8 @@ r"""Orthogonal convolutions (Li et al., 2019; chapter 06).
   :func:`strided_conv` for the strided layers (:mod:`lipsort.conv.baselines`).
 * :func:`singular_values` (exact, by the FFT) and :func:`component_invariants`
   (:mod:`lipsort.conv.spectrum`); :func:`circular_conv2d` and its adjoint.
+* The networks of Table 1 and Anil et al.'s LeNet: :func:`bcop_small`, :func:`bcop_large`,
+  :func:`fc3`, :func:`lenet`, :func:`freeze_projectors` (:mod:`lipsort.conv.networks`).
 * :func:`~lipsort.conv.reference.bcop_kernel_per_tap`: the straightforward construction,
   a peer for tests and benchmarks.
 
@@ -32,9 +34,17 @@ from ._base import CircularConv2d, circular_conv2d, circular_conv2d_transpose
 from .baselines import OSSN, RKO, InvertibleDownsampling, strided_conv
 from .bcop import BCOP, bcop_kernel, embed_bcop, projector_block
 from .spectrum import component_invariants, singular_values
+from .networks import CONVS, Scale, bcop_large, bcop_small, fc3, freeze_projectors, lenet
 
 __all__ = [
     "BCOP",
+    "CONVS",
+    "Scale",
+    "bcop_large",
+    "bcop_small",
+    "fc3",
+    "freeze_projectors",
+    "lenet",
     "OSSN",
     "RKO",
     "CircularConv2d",
