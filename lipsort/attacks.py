@@ -290,7 +290,14 @@ def _torchattack(cls_name: str, model, x, y, normalization, **kwargs) -> Tensor:
     # torchattacks' ℓ2 steps view perturbations as (N, 1, 1, 1)-scaled images: flatten each
     # input to (1, 1, D) (norms are unchanged), and reshape back inside the wrapped model.
     flat = x.detach().reshape(x.shape[0], 1, 1, -1)
-    return attack(flat, y).reshape(x.shape).detach()
+    # torchattacks puts the model in eval mode and leaves it there or in training mode
+    # depending on its version: restore every module's own flag.
+    modes = {m: m.training for m in model.modules()}
+    try:
+        return attack(flat, y).reshape(x.shape).detach()
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
 
 
 def pgd_linf(model, x, y, eps: float = 0.3, steps: int = 40, step_size: float = 0.01,

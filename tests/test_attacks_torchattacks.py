@@ -209,3 +209,13 @@ def test_bad_input_names_the_problem():
         fgsm(net, x, y.float())
     with pytest.raises(TypeError, match=r"layer Sequential\.1 of type .*Softplus"):
         assert_no_attack_inside_certificate(nn.Sequential(nn.Linear(4, 3), nn.Softplus()), x, y)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_torchattacks_wrappers_keep_the_models_mode(training):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3)).train(training)
+    x, y = torch.rand(4, 1, 4, 4), torch.tensor([0, 1, 2, 0])
+    for attack in (lambda: pgd_linf(net, x, y, eps=0.1, steps=2), lambda: fgsm(net, x, y, eps=0.1)):
+        attack()
+        assert all(m.training == training for m in net.modules())
