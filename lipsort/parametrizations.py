@@ -6,8 +6,9 @@ weight :math:`W = f(V)` of a free parameter
 :math:`V` = ``module.parametrizations.weight.original``, which is what the optimizer updates
 (chapter 03):
 
-* :func:`bjorck_orthonormal`: :math:`W = \operatorname{bjorck}(V)`, the Björck–Bowie
-  orthonormalization, so :math:`\|W\|_2 \le 1` always and :math:`\sigma_i(W) \approx 1`.
+* :func:`bjorck_orthonormal`: :math:`W = UV^\top`, the orthonormal polar factor of
+  :math:`V = U\Sigma V^\top` to a certified tolerance (or a fixed number of Björck–Bowie
+  steps), so :math:`\|W\|_2 \le 1` always and :math:`\sigma_i(W) \approx 1`.
 * :func:`spectral_normalized`: :math:`W = V / \hat\sigma(V)` with a power-iteration estimate
   :math:`\hat\sigma \le \sigma_{\max}(V)` (so :math:`\|W\|_2 \ge 1`, slightly).
 * :func:`linf_projected`: every row of :math:`W` is the projection of the row of :math:`V`
@@ -231,80 +232,123 @@ def _polar_factor(w: Tensor) -> Tensor:
 
 
 class BjorckOrthonormal(EvalCachedConstraint):
-    r"""Parametrization :math:`W = \operatorname{bjorck}(V)` (see :func:`bjorck_orthonormal`)."""
+    r"""Parametrization :math:`W = \operatorname{polar}(V)` or :math:`\operatorname{bjorck}^{(n)}(V)`.
 
-    def __init__(self, n_iters: int = 20, order: int = 1, eval_iters: int | None = None):
+    See :func:`bjorck_orthonormal`. The buffer ``warm`` (in the ``state_dict``) holds estimates
+    of the top and bottom singular vectors of ``V`` that warm-start the next training-mode
+    evaluation of the default (certified) path; eval mode starts cold, so the eval weight is
+    a function of ``V`` alone.
+    """
+
+    def __init__(
+        self,
+        n_iters: int | None = None,
+        order: int = 1,
+        eval_iters: int | None = None,
+        tol: float | None = None,
+    ):
         super().__init__()
-        self.n_iters = _check_int(n_iters, "n_iters", 0)
+        self.n_iters = None if n_iters is None else _check_int(n_iters, "n_iters", 0)
         self.order = _check_order(order)
         self.eval_iters = (
             self.n_iters if eval_iters is None else _check_int(eval_iters, "eval_iters", 0)
         )
+        if self.order != 1 and (self.n_iters is None or self.eval_iters is None):
+            raise ValueError(
+                f"Björck order={order} applies to a fixed number of iterations: pass n_iters "
+                "(the certified default path, n_iters=None, uses its own scaled order-1 steps)"
+            )
+        if tol is not None and not (isinstance(tol, numbers.Real) and 0 < tol < 1):
+            raise ValueError(f"tol must be a number in (0, 1), got {tol!r}")
+        self.tol = None if tol is None else float(tol)
+        self.register_buffer("warm", torch.zeros(2, 0))
 
     def constrain(self, original: Tensor) -> Tensor:
         n_iters = self.n_iters if self.training else self.eval_iters
-        return F.bjorck(original, n_iters, self.order)
+        if n_iters is not None:
+            return F.bjorck(original, n_iters, self.order)
+        warm = None
+        if self.training:
+            d = min(original.shape)
+            if self.warm.shape != (2, d) or self.warm.dtype != original.dtype:
+                self.warm = original.new_zeros(2, d)
+            warm = self.warm
+        return F.polar(original, self.tol, warm=warm)
 
     def cache_config(self) -> tuple:
-        return (self.eval_iters, self.order)
+        return (self.eval_iters, self.order, self.tol)
 
     def right_inverse(self, weight: Tensor) -> Tensor:
-        # Store the orthonormal polar factor of the given weight, not the weight itself.
-        # Björck's iteration raises each pre-scaled singular value s ∈ (0, 1] towards 1 by a
-        # factor of at most ~1.5 per (order-1) step while s is small, so from a raw weight the
-        # small singular values of an ill-conditioned matrix stay far below 1 after 20 steps
-        # (a random 64×64 Gaussian weight can still be 1e-2 away). From an orthonormal V the
-        # pre-scale only shrinks them to d^(-1/8) (d the smaller side), from which 5–7 steps
-        # reach 1 - 1e-4 for any d up to 65536: training starts on the manifold, stays near it
-        # (V drifts slowly), and the default 20 iterations keep every σ within 1e-4 of 1.
+        # Store the orthonormal polar factor of the given weight, not the weight itself:
+        # training then starts on the manifold, where the certified path needs one step and the
+        # fixed-count iteration (whose rigorous pre-scale shrinks an orthonormal V to
+        # d^(-1/8), d the smaller side) reaches 1 - 1e-4 in 5–7 of its steps for any d up to
+        # 65536, while from a raw ill-conditioned weight its small singular values would stay
+        # far below 1 after 20 steps (a 64×64 Gaussian can still be 1e-2 away).
         _check_finite(weight, "bjorck_orthonormal")
+        self.warm = weight.new_zeros(2, min(weight.shape))  # a new weight: start cold
         return _polar_factor(weight)
 
     def extra_repr(self) -> str:
+        if self.n_iters is None and self.eval_iters is None:
+            return f"certified polar factor, tol={self.tol or 'default'}"
         return f"n_iters={self.n_iters}, order={self.order}, eval_iters={self.eval_iters}"
 
 
 def bjorck_orthonormal(
-    module: nn.Linear, n_iters: int = 20, order: int = 1, eval_iters: int | None = None
+    module: nn.Linear,
+    n_iters: int | None = None,
+    order: int = 1,
+    eval_iters: int | None = None,
+    tol: float | None = None,
 ) -> nn.Linear:
     r"""Constrain a Linear layer's weight to be (semi-)orthonormal by Björck's iteration.
 
-    The effective weight is :math:`W = \operatorname{bjorck}_{p}^{(n)}(V)`: ``V`` pre-scaled by a
-    rigorous bound of its spectral norm, then ``n_iters`` Björck–Bowie steps of order ``p``
+    By default (``n_iters=None``) the effective weight is the orthonormal polar factor
+    :math:`W = UV^\top` of the free parameter :math:`V = U\Sigma V^\top`, to a certified
+    tolerance (:func:`lipsort.functional.polar`): scaled Björck steps run until a rigorous
+    bound shows every singular value of ``W`` in ``[1 - tol, 1]``, and the gradient is the
+    exact derivative of :math:`UV^\top` (implicit, from a Lyapunov equation), not a
+    back-propagation through the steps. Near the manifold, as in training, that is one to five
+    steps. With an integer ``n_iters`` it is instead exactly ``n_iters`` plain steps of order
+    ``p`` after a rigorous pre-scale, with gradients through the iterations
+    (:func:`lipsort.functional.bjorck`, as in the original code of Anil et al.)
 
     .. math:: W \leftarrow W \sum_{k=0}^{p} c_k (I - W^\top W)^k,
-              \qquad c = (1, \tfrac12, \tfrac38, \tfrac5{16}, \tfrac{35}{128}),
+              \qquad c = (1, \tfrac12, \tfrac38, \tfrac5{16}, \tfrac{35}{128}).
 
-    (:func:`lipsort.functional.bjorck`). Every singular value of ``W`` lies in (0, 1] for any
-    ``V``, so :math:`\|W\|_2 \le 1`; gradients flow through the iterations. Registering (and
-    assigning ``module.weight = X``) stores the orthonormal polar factor of the given weight as
-    ``V``, so the singular values of ``W`` are within 1e-4 of 1 at the default settings.
+    Either way every singular value of ``W`` lies in [0, 1] (up to rounding), so
+    :math:`\|W\|_2 \le 1`. Registering (and assigning ``module.weight = X``) stores the
+    orthonormal polar factor of the given weight as ``V``.
 
     Args:
         module: a ``torch.nn.Linear``; its weight has shape ``(out_features, in_features)``.
             Wide weights get orthonormal rows, tall ones orthonormal columns.
-        n_iters: Björck iterations in training mode (non-negative integer).
-        order: Taylor order ``p`` in 1..4.
-        eval_iters: iterations in eval mode (default: ``n_iters``), e.g. more for a tighter
-            weight at test time at no training cost (the eval weight is computed once).
+        n_iters: ``None`` (certified polar factor) or a fixed number of Björck iterations in
+            training mode (non-negative integer).
+        order: Taylor order ``p`` in 1..4 of the fixed-count iteration.
+        eval_iters: iterations in eval mode (default: ``n_iters``); the eval weight is
+            computed once and cached.
+        tol: certified bound on ``max |σᵢ − 1|`` of the default path (default 1e-6 in
+            float32, 1e-12 in float64).
 
     Returns:
         The same module, now parametrized.
 
     Raises:
         TypeError: if ``module`` is not a ``torch.nn.Linear``.
-        ValueError: bad ``n_iters``/``order``/``eval_iters``, a weight that is already
+        ValueError: bad ``n_iters``/``order``/``eval_iters``/``tol``, a weight that is already
             constrained, uninitialized, or not finite.
 
     Example:
         >>> _ = torch.manual_seed(0)
         >>> layer = bjorck_orthonormal(nn.Linear(8, 4))
         >>> s = torch.linalg.svdvals(layer.weight)
-        >>> bool((s - 1).abs().max() < 1e-4)
+        >>> bool((s - 1).abs().max() < 1e-6)
         True
     """
     _check_linear(module, "bjorck_orthonormal")
-    parametrization = BjorckOrthonormal(n_iters, order, eval_iters).train(module.training)
+    parametrization = BjorckOrthonormal(n_iters, order, eval_iters, tol).train(module.training)
     parametrize.register_parametrization(module, "weight", parametrization)
     return module
 
