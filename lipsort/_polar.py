@@ -65,31 +65,44 @@ def _polar_iterate(v: torch.Tensor, tol: float, max_iters: int, warm, kappa_max:
     eye = torch.eye(d, dtype=v.dtype, device=v.device)
     tiny = torch.finfo(v.dtype).tiny
     with torch.no_grad():
-        amax = float(v.abs().amax().clamp_min(tiny))
-        x = v / amax  # entries in [-1, 1]: no overflow below, whatever the scale
+        vd = v.detach()
+        amax = float(torch.linalg.vector_norm(vd, math.inf).clamp_min(tiny))
+        if not 1e-15 < amax < 1e15:  # extreme scales: normalize once (squares would under/overflow)
+            vd, scale0, amax = vd / amax, amax, 1.0
+        else:
+            scale0 = 1.0
         warm_ok = warm is not None and bool(warm[0].norm() > 0) and bool(warm[1].norm() > 0)
         if warm_ok:
             u, z = _unit(warm[0]), _unit(warm[1])
         else:  # deterministic cold start: the eval-mode weight is a function of v alone
             u = _unit(torch.ones(d, dtype=v.dtype, device=v.device))
             z = _unit(torch.linspace(-1.0, 1.0, d, dtype=v.dtype, device=v.device) + 0.5 / d)
+        # Matrix-vector products of v / amax (entries in [-1, 1]: no overflow, whatever the
+        # scale), without forming it.
         for _ in range(1 if warm_ok else 4):
-            u = _unit(x.mT @ (x @ u))
+            u = _unit(vd.mT @ (vd @ u / amax))
+        fro = float(torch.linalg.vector_norm(vd)) / amax
         # Both are lower bounds of σ_max (a unit vector's image; the RMS singular value), so
-        # the top singular value of x / c is ≥ 1 and within a small factor of 1.
-        c = max(float((x @ u).norm()), float(torch.linalg.matrix_norm(x)) / math.sqrt(d), tiny)
-        x = x / c
+        # the top singular value of x = v / (amax c) is ≥ 1 and within a small factor of 1.
+        c = max(float((vd @ u / amax).norm()), fro / math.sqrt(d), tiny)
+        x = vd / (amax * c)
         g0 = x.mT @ x
-        # Estimates of the extreme singular values and vectors of x0 (those of v); after a
-        # scaled step the old extremes both map to the new bottom. Start: u ± z, of norm ≥ √2.
-        u, z, ru, rz = _lanczos_extremes(g0, u + torch.where(u @ z < 0, -z, z))
         e0 = float(torch.linalg.matrix_norm(g0 - eye))
+        if e0 < 0.1:
+            # Near the manifold (training): a plain first step, no estimates needed.
+            ru = rz = 1.0
+        else:
+            # Estimates of the extreme singular values and vectors of x (those of v); after
+            # a scaled step the old extremes both map to the new bottom. Start: u ± z.
+            u, z, ru, rz = _lanczos_extremes(g0, u + torch.where(u @ z < 0, -z, z))
     # c ≤ σ_max(x) so λ_max(g0) ≥ 1: clamping the estimate at 1 keeps it a lower bound.
     ru = max(ru, 1.0)
     tracked = v.requires_grad and torch.is_grad_enabled() and ru > kappa_max**2 * max(rz, tiny)
+    amax *= scale0
     if tracked:
         x = v / (amax * c)
     g = g0
+    anchor = None if tracked else (v, amax * c, g0, e0)
     for k in range(max_iters):
         if k or tracked:
             g = x.mT @ x
@@ -105,6 +118,13 @@ def _polar_iterate(v: torch.Tensor, tol: float, max_iters: int, warm, kappa_max:
                     (u @ (gd @ u), z @ (gd @ z), torch.linalg.matrix_norm(e_mat))
                 ).tolist()
                 t, lo = 1.0, math.sqrt(min(max(min(ru_k, rz_k), 0.0), 1.0))
+                if tracked and t < kappa_max * lo:
+                    # Well conditioned now: polar(x) = polar(v) (the steps keep the singular
+                    # vectors), so differentiate the polar factor implicitly from here on and
+                    # back-propagate only through the steps taken so far.
+                    anchor = (x, 1.0, gd, e)
+                    tracked = False
+                    x, g = x.detach(), gd
             # Chen & Chow's scaling: α² (l² + l t + t²) = 3 maps [l, t] onto [f(αl), 1] with
             # f(αl) = f(αt), the widest interval one step can close. An over-estimated l
             # only makes the step more cautious.
@@ -129,9 +149,11 @@ def _polar_iterate(v: torch.Tensor, tol: float, max_iters: int, warm, kappa_max:
             certified = alpha * alpha * (1 + e) <= 3 and err <= tol
         # x + x Δ rather than x P: the product then rounds relative to the small correction
         # Δ = P − I, which halves the rounding floor of the result's singular values.
-        x = torch.addmm(x, x, (1.5 * alpha - 1) * eye - (0.5 * alpha**3) * g)
+        step = g * (-0.5 * alpha**3)
+        step.diagonal().add_(1.5 * alpha - 1)
+        x = torch.addmm(x, x, step)
         if certified:
-            return x, amax * c, g0, e0, u, z, tracked
+            return x, anchor, u, z
     return None
 
 
@@ -178,9 +200,14 @@ class _PolarGrad(torch.autograd.Function):
         c = a - a.mT
         e0, tol = ctx.e0, ctx.grad_tol
         tall = v.shape[-2] > d
-        if e0 <= tol:  # ‖H − I‖₂ ≤ ‖g0 − I‖₂ ≤ e0: Z = C/2 to relative accuracy e0
-            z = 0.5 * c
-            gw = q @ z + (grad - q @ a if tall else 0)
+        # ‖H − I‖₂ ≤ ‖g0 − I‖₂ ≤ e0: Z = C/2 to relative accuracy e0. Below the rounding
+        # floor of a computed d×d Gram matrix (~d·eps in Frobenius norm) H is I to working
+        # precision: nothing finer can be resolved from it.
+        floor = 2 * d * torch.finfo(q.dtype).eps
+        if e0 <= max(tol, floor):
+            gw = torch.mm(q, c).mul_(0.5)
+            if tall:
+                gw.add_(grad).sub_(q @ a)
         elif e0 * e0 <= tol:  # H = I + E/2 + O(E²) with E = g0 − I: first order is enough
             e_mat = g0 - eye
             ec = e_mat @ c
@@ -193,7 +220,7 @@ class _PolarGrad(torch.autograd.Function):
             if tall:
                 chol = torch.linalg.cholesky(h)
                 gw = gw + torch.cholesky_solve((grad - q @ a).mT, chol).mT
-        return gw / ctx.scale, None, None, None, None, None
+        return gw.div_(ctx.scale), None, None, None, None, None
 
 
 def solve(w: torch.Tensor, tol: float, max_iters: int, warm, grad_tol: float):
@@ -203,11 +230,11 @@ def solve(w: torch.Tensor, tol: float, max_iters: int, warm, grad_tol: float):
     result = _polar_iterate(v, tol, max_iters, warm, _KAPPA_IMPLICIT)
     if result is None:
         return None
-    q, scale, g0, e0, u, z, tracked = result
+    q, anchor, u, z = result
     if warm is not None:
         with torch.no_grad():
             warm[0].copy_(u)
             warm[1].copy_(z)
-    if not tracked and w.requires_grad and torch.is_grad_enabled():
-        q = _PolarGrad.apply(v, q, g0, scale, e0, grad_tol)
+    if anchor is not None and anchor[0].requires_grad and torch.is_grad_enabled():
+        q = _PolarGrad.apply(anchor[0], q, anchor[2], anchor[1], anchor[3], grad_tol)
     return q.mT if wide else q

@@ -275,7 +275,7 @@ def test_polar_extreme_and_degenerate_inputs_stay_contractive(scale):
     assert torch.linalg.matrix_norm(q.detach().double(), 2) <= 1 + 1e-6
 
 
-def test_group_sort_4_network_jacobian_is_a_permutation_even_at_ties():
+def test_group_sort_4_jacobian_is_a_permutation_even_at_ties():
     for x in (torch.zeros(1, 8, dtype=DT), torch.tensor([[1.0, 1.0, 0.0, 1.0, 2.0, 2.0, 2.0, -1.0]], dtype=DT)):
         x.requires_grad_()
         jac = torch.autograd.functional.jacobian(lambda t: F.group_sort(t, 4), x).reshape(8, 8)
@@ -283,6 +283,16 @@ def test_group_sort_4_network_jacobian_is_a_permutation_even_at_ties():
         assert torch.equal(jac.sum(0), torch.ones(8, dtype=DT)) and torch.equal(jac.sum(1), torch.ones(8, dtype=DT))
     y = _random((3, 8, 5), seed=31).requires_grad_()
     assert torch.autograd.gradcheck(lambda t: F.group_sort(t, 4, dim=1), (y,))
+    # The 4-input sorting network (kept for other builds) sorts exactly, tie-safe too.
+    x = torch.tensor([[1.0, 1.0, 0.0, 1.0, 2.0, 2.0, 2.0, -1.0]], dtype=DT, requires_grad=True)
+    grouped, gdim = x.reshape(1, 2, 4), 2
+
+    def net(t):
+        return F._CompareExchange.apply(t.reshape(1, 2, 4), gdim, F.NETWORK_4).reshape(1, 8)
+
+    assert torch.equal(net(x), F.group_sort(x, 4))
+    jac = torch.autograd.functional.jacobian(net, x).reshape(8, 8)
+    assert torch.equal(jac.sum(0), torch.ones(8, dtype=DT)) and set(jac.unique().tolist()) == {0.0, 1.0}
 
 
 @pytest.mark.parametrize(

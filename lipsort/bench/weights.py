@@ -184,7 +184,24 @@ def bench_cache(cfg: Config, deel, notes: list[str]) -> list[Row]:
         ("recompute", lambda: forward(recompute), None, "constraint at every forward"),
     ]
     case = f"eval MLP {'-'.join(map(str, sizes))} batch {batch}"
-    return measure_case(
+    rows = measure_case(
         "cache", case, impls, cfg, "max|Δ logits|",
         lambda name, out: float((out - reference).abs().max()),
     )
+    # Every constraint of the library on one layer, cached in eval mode, beside nn.Linear.
+    width = sizes[1]
+    torch.manual_seed(0)
+    layers = {
+        "lipsort": P.bjorck_orthonormal(nn.Linear(width, width)),
+        "spectral": P.spectral_normalized(nn.Linear(width, width)),
+        "linf": P.linf_projected(nn.Linear(width, width)),
+    }
+    layers = {k: m.to(cfg.device).eval() for k, m in layers.items()}
+    layers["nn.Linear"] = nn.Linear(width, width).to(cfg.device).eval()
+    x = torch.rand(batch, width, device=cfg.device)
+    impls = [(k, (lambda m=m: forward(m)), None, "eval mode") for k, m in layers.items()]
+    rows += measure_case(
+        "cache", f"eval {width}x{width} layer batch {batch}", impls, cfg, "‖W‖₂ or ‖W‖∞",
+        lambda name, out: float(F.operator_norm(layers[name].weight.detach(), "inf" if name == "linf" else 2)),
+    )
+    return rows
