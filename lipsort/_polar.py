@@ -10,6 +10,7 @@ import math
 
 import torch
 
+
 def default_tol(dtype: torch.dtype) -> float:
     # float32: 1e-6, a few times its rounding floor on σ (~3e-7 for a 1024-wide Gram).
     return 1e-12 if dtype == torch.float64 else max(1e-6, 8 * torch.finfo(dtype).eps)
@@ -130,7 +131,7 @@ def _polar_iterate(v: torch.Tensor, tol: float, max_iters: int, warm, kappa_max:
             # only makes the step more cautious.
             alpha = math.sqrt(3.0 / (lo * lo + lo * t + t * t))
 
-            def error_after(e_bound):
+            def error_after(e_bound, alpha=alpha):
                 # Rigorous: every eigenvalue of g is in [1 − e, 1 + e] (e ≥ ‖g − I‖₂); the
                 # step maps σ to f(ασ), concave, so its extremes are at the ends.
                 if e_bound >= 1:

@@ -245,10 +245,8 @@ def _polar_factor(w: Tensor) -> Tensor:
 class BjorckOrthonormal(EvalCachedConstraint):
     r"""Parametrization :math:`W = \operatorname{polar}(V)` or :math:`\operatorname{bjorck}^{(n)}(V)`.
 
-    See :func:`bjorck_orthonormal`. The buffer ``warm`` (in the ``state_dict``) holds estimates
-    of the top and bottom singular vectors of ``V`` that warm-start the next training-mode
-    evaluation of the default (certified) path; eval mode starts cold, so the eval weight is
-    a function of ``V`` alone.
+    See :func:`bjorck_orthonormal`. The buffer ``warm`` (in the ``state_dict``) warm-starts the
+    certified path in training; eval mode starts cold (the eval weight is a function of ``V``).
     """
 
     def __init__(
@@ -290,12 +288,10 @@ class BjorckOrthonormal(EvalCachedConstraint):
         return (self.eval_iters, self.order, self.tol)
 
     def right_inverse(self, weight: Tensor) -> Tensor:
-        # Store the orthonormal polar factor of the given weight, not the weight itself:
-        # training then starts on the manifold, where the certified path needs one step and the
-        # fixed-count iteration (whose rigorous pre-scale shrinks an orthonormal V to
-        # d^(-1/8), d the smaller side) reaches 1 - 1e-4 in 5–7 of its steps for any d up to
-        # 65536, while from a raw ill-conditioned weight its small singular values would stay
-        # far below 1 after 20 steps (a 64×64 Gaussian can still be 1e-2 away).
+        # Store the orthonormal polar factor of the given weight: training starts on the
+        # manifold, where the certified path needs one step and the fixed-count iteration (its
+        # pre-scale shrinks an orthonormal V to d^(-1/8)) reaches 1 - 1e-4 in 5–7, while from a
+        # raw ill-conditioned weight 20 fixed steps can stay 1e-2 away.
         _check_finite(weight, "bjorck_orthonormal")
         self.warm = weight.new_zeros(2, min(weight.shape))  # a new weight: start cold
         return _polar_factor(weight)
@@ -319,11 +315,10 @@ def bjorck_orthonormal(
     :math:`W = UV^\top` of the free parameter :math:`V = U\Sigma V^\top`, to a certified
     tolerance (:func:`lipsort.functional.polar`): scaled Björck steps run until a rigorous
     bound shows every singular value of ``W`` in ``[1 - tol, 1]``, and the gradient is the
-    exact derivative of :math:`UV^\top` (implicit, from a Lyapunov equation), not a
-    back-propagation through the steps. Near the manifold, as in training, that is one to five
-    steps. With an integer ``n_iters`` it is instead exactly ``n_iters`` plain steps of order
-    ``p`` after a rigorous pre-scale, with gradients through the iterations
-    (:func:`lipsort.functional.bjorck`, as in the original code of Anil et al.)
+    exact derivative of :math:`UV^\top` (implicit, from a Lyapunov equation). Near the manifold,
+    as in training, that is one to five steps. With an integer ``n_iters`` it is exactly
+    ``n_iters`` plain steps of order ``p`` after a rigorous pre-scale, with gradients through the
+    iterations (:func:`lipsort.functional.bjorck`, as in the original code of Anil et al.)
 
     .. math:: W \leftarrow W \sum_{k=0}^{p} c_k (I - W^\top W)^k,
               \qquad c = (1, \tfrac12, \tfrac38, \tfrac5{16}, \tfrac{35}{128}).

@@ -285,7 +285,7 @@ def test_group_sort_4_jacobian_is_a_permutation_even_at_ties():
     assert torch.autograd.gradcheck(lambda t: F.group_sort(t, 4, dim=1), (y,))
     # The 4-input sorting network (kept for other builds) sorts exactly, tie-safe too.
     x = torch.tensor([[1.0, 1.0, 0.0, 1.0, 2.0, 2.0, 2.0, -1.0]], dtype=DT, requires_grad=True)
-    grouped, gdim = x.reshape(1, 2, 4), 2
+    gdim = 2
 
     def net(t):
         return F._CompareExchange.apply(t.reshape(1, 2, 4), gdim, F.NETWORK_4).reshape(1, 8)

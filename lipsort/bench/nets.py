@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
 from .. import functional as F
 from .. import models
-from ._measure import Config, Row, measure_case, seconds
+from ._measure import Config, Row, measure_case
 from .reference import naive_group_sort
 
 
@@ -61,7 +63,7 @@ def bench_groupsort(cfg: Config, deel, notes: list[str]) -> list[Row]:
 
 def _deel_mlp(deel, sizes, group_size=2):
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
         layers.append(deel[2](a, b))
         if i < len(sizes) - 2:
             layers.append(_DeelGroupSort(deel, group_size or b))
@@ -147,5 +149,3 @@ def _critic_rows(cfg: Config, notes: list[str]) -> list[Row]:
     notes.append(f"A3 critic: {steps} steps at batch {batch} (batch assumed; the paper's config gives 150 × 128 iterations)")
     return rows
 
-
-__all__ = ["bench_groupsort", "bench_mlp", "seconds"]
