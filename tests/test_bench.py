@@ -15,44 +15,42 @@ import torch
 from lipsort import bench
 from lipsort import functional as F
 
-TINY = ["--tiny", "--repeat", "1", "--min-time", "0.001", "--threads", "1"]
+TINY = ["--quick", "--repeat", "1", "--min-time", "0.001", "--threads", "1"]
 
 
 def test_reference_bjorck_matches_ours_at_convergence():
     w = torch.randn(12, 7, dtype=torch.float64)
     ref = bench.reference_bjorck(w, 60)
     assert torch.allclose(ref, F.bjorck(w, 60), atol=1e-10)
+    assert torch.allclose(ref, F.polar(w), atol=1e-10)
     wide = torch.randn(5, 9, dtype=torch.float64)
     assert torch.allclose(bench.reference_bjorck(wide, 60), F.bjorck(wide, 60), atol=1e-10)
 
 
-@pytest.mark.parametrize("g", [2, 3, 6])
+@pytest.mark.parametrize("g", [2, 3, 4, 6])
 def test_naive_group_sort_matches_ours(g):
-    x = torch.randn(4, 6, 3)
+    x = torch.randn(4, 12, 3)
     assert torch.equal(bench.naive_group_sort(x, g), F.group_sort(x, g))
 
 
-def test_cli_tiny_run_reports_ratios_and_writes_json(tmp_path, capsys):
+def test_cli_quick_run_reports_ratios_and_writes_json(tmp_path, capsys):
     path = tmp_path / "bench.json"
-    assert bench.main([*TINY, "--json", str(path)]) == 0
+    plot = tmp_path / "widths.png"
+    assert bench.main([*TINY, "--json", str(path), "--plot", str(plot)]) == 0
     table = capsys.readouterr().out
     result = json.loads(path.read_text())  # strict JSON
-    assert result["meta"]["tiny"] is True and result["meta"]["iters"] == 5
+    meta = result["meta"]
+    assert meta["tiny"] is True and meta["device"] == "cpu" and meta["torch"] == torch.__version__
+    assert plot.stat().st_size > 0
     rows = result["rows"]
-    benches = {r["bench"] for r in rows}
-    assert {"bjorck", "groupsort"} <= benches
-    try:
-        import lipsort.parametrizations  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        assert "cache" in benches
+    assert {r["bench"] for r in rows} == set(bench.BENCHMARKS)
 
     cases = defaultdict(list)
     for r in rows:
         cases[(r["bench"], r["case"])].append(r)
         assert r["time_ms"] > 0 and r["replicates"] >= 1
         assert r["ratio"] > 0 and math.isfinite(r["ratio"])
+        assert r["peak_mib"] is None  # measured by the profiler outside the quick mode
     for (name, case), group in cases.items():
         impls = [r["impl"] for r in group]
         assert impls.count("lipsort") == 1 and len(impls) >= 2, (name, case, impls)
@@ -63,16 +61,21 @@ def test_cli_tiny_run_reports_ratios_and_writes_json(tmp_path, capsys):
         assert case in table
 
     for r in rows:
-        if r["bench"] == "bjorck":  # pre-scaled order-1 Björck keeps every σ in (0, 1]
-            assert 0 <= r["value"] < 1 and r["saved_mib"] is not None
-        elif r["bench"] == "groupsort":  # all implementations agree exactly
-            assert r["value"] == 0
-        elif r["bench"] == "cache":  # the cached weights are the recomputed ones
-            assert r["value"] <= 1e-6
-    wide = [
-        r for r in rows if r["bench"] == "bjorck" and "wide" in r["case"] and r["impl"] == "lipsort"
-    ]
-    assert wide and wide[0]["value"] < 1e-5  # 5 iterations converge for a 4x32 weight
+        ours = r["impl"] == "lipsort"
+        if r["bench"] in ("bjorck", "layer", "widths") and r["value"] is not None:
+            assert 0 <= r["value"] < 1 and r["grad_error"] is not None
+            if ours:  # certified polar factor: orthonormal, with the exact gradient
+                assert r["value"] < 1e-5 and r["grad_error"] < 1e-3
+        elif r["bench"] == "groupsort" and r["impl"] != "relu":
+            assert r["value"] == 0  # all implementations agree exactly
+        elif r["bench"] == "cache" and r["metric"] == "max|Δ logits|":
+            assert r["value"] <= 1e-6  # the cached weights are the plain ones
+        elif r["bench"] == "cache" and r["impl"] in ("lipsort", "linf"):
+            assert r["value"] <= 1 + 1e-5  # exact norms of the cached weights
+        elif r["bench"] == "mlp" and r["metric"] == "max ‖W‖₂" and r["impl"] != "unconstrained":
+            assert r["value"] <= 1 + 1e-5
+        elif r["bench"] == "mlp":
+            assert r["value"] > 0  # minutes for the A3 run
     assert "× lipsort" in table
 
 
@@ -83,11 +86,34 @@ def test_module_entry_point(tmp_path):
     assert done.returncode == 0, done.stderr
     rows = json.loads(path.read_text())["rows"]
     assert {r["bench"] for r in rows} == {"groupsort"}
-    assert "max_min" in done.stdout
+    assert "max_min" in done.stdout and "relu" in done.stdout
+
+
+def test_peak_memory_sees_a_temporary():
+    from lipsort.bench._measure import peak_bytes
+
+    def step():
+        return torch.ones(1 << 20).sum()  # a 4 MiB temporary, freed before returning
+
+    assert 4 * 2**20 <= peak_bytes(step, torch.device("cpu")) < 8 * 2**20
+
+
+def test_register_adds_a_benchmark(capsys):
+    def runner(cfg, deel, notes):
+        notes.append("custom ran")
+        return []
+
+    bench.register("custom", runner)
+    try:
+        result = bench.run(["custom"], repeat=1, threads=1, tiny=True, progress=False)
+        assert "custom ran" in result["notes"] and "custom" in bench.BENCHMARKS
+    finally:
+        bench._RUNNERS.pop("custom")
+        bench.BENCHMARKS = tuple(bench._RUNNERS)
 
 
 def test_bad_arguments_exit_with_a_usage_error(capsys):
-    for argv, message in ((["nope"], "unknown benchmark(s) nope"), (["--repeat", "0"], "repeat")):
+    for argv, message in ((["nope"], "unknown benchmark(s)"), (["--repeat", "0"], "repeat")):
         with pytest.raises(SystemExit) as info:
             bench.main(argv)
         assert info.value.code == 2

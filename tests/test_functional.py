@@ -206,3 +206,105 @@ def test_bjorck_float32_extreme_scales_stay_finite(scale):
     w = _random((40, 24), seed=14).float() * scale
     s = torch.linalg.svdvals(F.bjorck(w, n_iters=40))
     assert torch.isfinite(s).all() and (s - 1).abs().max() < 1e-4
+
+
+# --------------------------------------------------------------------------- fast paths
+
+
+def _svd_polar(w):
+    u, _, vh = torch.linalg.svd(w, full_matrices=False)
+    return u @ vh
+
+
+@pytest.mark.parametrize("shape", [(12, 12), (20, 8), (8, 20), (48, 48)])
+@pytest.mark.parametrize("kind", ["gauss", "near"])
+def test_polar_is_the_polar_factor_with_its_exact_gradient(shape, kind):
+    w = _random(shape, seed=20)
+    if kind == "near":  # the training regime: a perturbed orthonormal matrix (implicit backward)
+        w = _svd_polar(w) + 1e-2 * _random(shape, seed=21)
+    w.requires_grad_()
+    g_out = _random(shape, seed=22)
+    q = F.polar(w)
+    (grad,) = torch.autograd.grad(q, w, g_out)
+    (ref_grad,) = torch.autograd.grad(_svd_polar(w), w, g_out)
+    assert torch.allclose(q, _svd_polar(w.detach()), atol=1e-11)
+    assert torch.linalg.matrix_norm(q.detach(), 2) <= 1 + 1e-12
+    assert (grad - ref_grad).norm() <= 1e-8 * ref_grad.norm()
+
+
+def test_polar_gradcheck_both_backward_paths():
+    near = (_svd_polar(_random((6, 4), seed=23)) + 1e-3 * _random((6, 4), seed=24)).requires_grad_()
+    assert torch.autograd.gradcheck(F.polar, (near,))  # implicit (Lyapunov) backward
+    far = (_random((4, 6), seed=25) @ torch.diag(torch.logspace(-2, 0, 6, dtype=DT))).requires_grad_()
+    assert torch.autograd.gradcheck(F.polar, (far,))  # ill-conditioned: through the steps
+
+
+def test_polar_certifies_its_tolerance_in_float32():
+    # Singular values spread over [0.6, 1.5], as after training steps.
+    u = _svd_polar(_random((96, 64), seed=26))
+    v = _svd_polar(_random((64, 64), seed=27))
+    w = ((u * torch.linspace(0.6, 1.5, 64, dtype=DT)) @ v.T).float()
+    s = torch.linalg.svdvals(F.polar(w, tol=1e-6).double())
+    assert (s - 1).abs().max() <= 1e-6 + 1e-6  # the tolerance, plus float32 rounding
+    loose = torch.linalg.svdvals(F.polar(w, tol=1e-2).double())
+    assert (loose - 1).abs().max() <= 1e-2 + 1e-6 and loose.max() <= 1 + 1e-6
+
+
+def test_polar_warm_start_refines_in_place_without_changing_the_result():
+    w = _svd_polar(_random((30, 20), seed=28)) + 0.05 * _random((30, 20), seed=29)
+    warm = torch.zeros(2, 20, dtype=DT)
+    cold = F.polar(w)
+    warmed = F.polar(w, warm=warm)
+    assert bool((warm.norm(dim=1) > 0.99).all())  # unit estimates written back
+    again = F.polar(w, warm=warm)
+    assert torch.allclose(cold, warmed, atol=1e-11) and torch.allclose(cold, again, atol=1e-11)
+
+
+@pytest.mark.parametrize("scale", [None, 1e-30, 1e30])
+def test_polar_extreme_and_degenerate_inputs_stay_contractive(scale):
+    # A rank-3 matrix cannot be certified (zero singular values stay zero): the fallback is
+    # bjorck(), still ‖W‖₂ ≤ 1.
+    if scale is None:
+        w = _random((16, 3), seed=30) @ _random((3, 10), seed=31)
+    else:
+        w = _random((16, 10), seed=30) * scale
+    w = w.float().requires_grad_()
+    q = F.polar(w)
+    q.sum().backward()
+    assert torch.isfinite(q).all() and torch.isfinite(w.grad).all()
+    assert torch.linalg.matrix_norm(q.detach().double(), 2) <= 1 + 1e-6
+
+
+def test_group_sort_4_jacobian_is_a_permutation_even_at_ties():
+    for x in (torch.zeros(1, 8, dtype=DT), torch.tensor([[1.0, 1.0, 0.0, 1.0, 2.0, 2.0, 2.0, -1.0]], dtype=DT)):
+        x.requires_grad_()
+        jac = torch.autograd.functional.jacobian(lambda t: F.group_sort(t, 4), x).reshape(8, 8)
+        assert set(jac.unique().tolist()) == {0.0, 1.0}
+        assert torch.equal(jac.sum(0), torch.ones(8, dtype=DT)) and torch.equal(jac.sum(1), torch.ones(8, dtype=DT))
+    y = _random((3, 8, 5), seed=31).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: F.group_sort(t, 4, dim=1), (y,))
+    # The 4-input sorting network (kept for other builds) sorts exactly, tie-safe too.
+    x = torch.tensor([[1.0, 1.0, 0.0, 1.0, 2.0, 2.0, 2.0, -1.0]], dtype=DT, requires_grad=True)
+    gdim = 2
+
+    def net(t):
+        return F._CompareExchange.apply(t.reshape(1, 2, 4), gdim, F.NETWORK_4).reshape(1, 8)
+
+    assert torch.equal(net(x), F.group_sort(x, 4))
+    jac = torch.autograd.functional.jacobian(net, x).reshape(8, 8)
+    assert torch.equal(jac.sum(0), torch.ones(8, dtype=DT)) and set(jac.unique().tolist()) == {0.0, 1.0}
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: F.polar(torch.zeros(3)), "matrix"),
+        (lambda: F.polar(torch.zeros(2, 3, 3)), "one"),
+        (lambda: F.polar(torch.eye(3), tol=2), "tol must be in"),
+        (lambda: F.polar(torch.eye(3), max_iters=0), "max_iters"),
+        (lambda: F.polar(torch.eye(3), warm=torch.zeros(2, 4)), r"warm must be a \(2, 3\)"),
+    ],
+)
+def test_polar_bad_inputs(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()

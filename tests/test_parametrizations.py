@@ -86,6 +86,8 @@ def reference_weight(layer: nn.Linear) -> torch.Tensor:
     p, v = param(layer), original(layer).detach()
     with torch.no_grad():
         if isinstance(p, BjorckOrthonormal):
+            if p.eval_iters is None:  # the certified path, from a cold start in eval mode
+                return functional.polar(v, p.tol)
             return functional.bjorck(v, p.eval_iters, p.order)
         if isinstance(p, SpectralNormalized):
             return v / functional.power_iteration(v, p.u, 0)[0]
@@ -144,7 +146,9 @@ def test_bjorck_singular_values_after_training(shape, kind, opt_cls, lr):
 def test_bjorck_orders(order, shape):
     torch.manual_seed(2)
     in_f, out_f = SHAPES[shape]
-    layer = bjorck_orthonormal(linear_with(ill_conditioned(out_f, in_f, F64)), order=order)
+    layer = bjorck_orthonormal(
+        linear_with(ill_conditioned(out_f, in_f, F64)), n_iters=20, order=order
+    )
     assert sv_error(layer.weight) < 1e-4
     train_steps(layer, 3)
     assert sv_error(layer.weight) < 1e-4
@@ -163,7 +167,9 @@ def test_bjorck_any_scale_stays_finite_and_contractive(out_f, in_f, log_scale, o
     # The free parameter is written directly (no polar factor): whatever its scale, the
     # effective weight and the gradients are finite and ‖W‖₂ ≤ 1.
     gen = torch.Generator().manual_seed(seed)
-    layer = bjorck_orthonormal(nn.Linear(in_f, out_f, dtype=F64), order=order)
+    # order 1: the certified default path; higher orders: the fixed-count iteration.
+    n_iters = None if order == 1 else 20
+    layer = bjorck_orthonormal(nn.Linear(in_f, out_f, dtype=F64), n_iters=n_iters, order=order)
     set_original(layer, torch.randn(out_f, in_f, generator=gen, dtype=F64) * 10.0**log_scale)
     x = torch.randn(4, in_f, generator=gen, dtype=F64)
     out = layer(x)
@@ -226,6 +232,27 @@ def test_bjorck_right_inverse_on_assignment():
     layer.weight = torch.zeros(6, 10, dtype=F64)
     assert sv_error(original(layer)) < 1e-12
     assert sv_error(layer.weight) < 1e-10
+
+
+def test_bjorck_default_is_the_certified_polar_factor_during_training():
+    torch.manual_seed(16)
+    layer = bjorck_orthonormal(nn.Linear(48, 64))
+    assert "parametrizations.weight.0.warm" in layer.state_dict()
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 48, generator=gen), torch.randn(32, 64, generator=gen)
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    for _ in range(15):
+        opt.zero_grad()
+        (layer(x) - y).pow(2).mean().backward()
+        opt.step()
+        v = original(layer).detach().double()
+        assert sv_error(layer.weight) < 2e-6  # tol 1e-6 plus float32 rounding
+        u, _, vh = torch.linalg.svd(v, full_matrices=False)
+        torch.testing.assert_close(layer.weight.double(), u @ vh, rtol=0, atol=1e-5)
+    assert sv_error(original(layer)) > 1e-2  # V itself has drifted off the manifold
+    assert param(layer).warm.norm() > 0  # the warm start is in use
+    # Eval mode starts cold: the eval weight is a function of V alone.
+    torch.testing.assert_close(layer.eval().weight, functional.polar(original(layer).detach()))
 
 
 def test_bjorck_gradcheck_wrt_original():
@@ -370,8 +397,8 @@ def test_eval_cache_computed_once(monkeypatch):
     torch.manual_seed(11)
     layer = bjorck_orthonormal(nn.Linear(8, 8))
     calls = []
-    bjorck = functional.bjorck
-    monkeypatch.setattr(functional, "bjorck", lambda *a, **k: calls.append(1) or bjorck(*a, **k))
+    polar = functional.polar
+    monkeypatch.setattr(functional, "polar", lambda *a, **k: calls.append(1) or polar(*a, **k))
     x = torch.randn(4, 8)
     layer.eval()
     outs = [layer(x) for _ in range(3)] + [layer.weight for _ in range(3)]
@@ -580,6 +607,9 @@ def test_bad_module_type():
         ({"order": 0}, "order"),
         ({"order": 5}, "order"),
         ({"order": 2.0}, "order"),
+        ({"order": 2}, "order=2 applies to a fixed number"),
+        ({"tol": 0}, "tol"),
+        ({"tol": 1.5}, "tol"),
     ],
 )
 def test_bad_bjorck_arguments(kwargs, match):

@@ -13,7 +13,6 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as nnf
 from tqdm import tqdm
 
 from ...certify import lipschitz_upper_bound

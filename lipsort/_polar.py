@@ -1,0 +1,241 @@
+"""The certified polar factor behind :func:`lipsort.functional.polar` (see its docstring).
+
+Scaled Björck steps without gradient until a rigorous bound certifies the tolerance, and the
+exact derivative of the polar factor from its Lyapunov equation (conjugate gradients).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def default_tol(dtype: torch.dtype) -> float:
+    # float32: 1e-6, a few times its rounding floor on σ (~3e-7 for a 1024-wide Gram).
+    return 1e-12 if dtype == torch.float64 else max(1e-6, 8 * torch.finfo(dtype).eps)
+
+
+# Above this estimated condition number of the weight, back-propagating through the steps
+# (3 products each) is cheaper than the implicit backward's conjugate gradients (~6√κ).
+_KAPPA_IMPLICIT = 6.0
+
+
+def _step_map(s: float) -> float:
+    """The order-1 Björck map on one singular value."""
+    return 1.5 * s - 0.5 * s**3
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm().clamp_min(torch.finfo(x.dtype).tiny)
+
+
+def _lanczos_extremes(g: torch.Tensor, start: torch.Tensor, steps: int = 8):
+    """Ritz estimates of the extreme eigenpairs of a symmetric ``g`` from a Krylov space.
+
+    Lanczos with full re-orthogonalization (``steps`` products with ``g``). The Ritz values lie
+    in the spectrum (Cauchy interlacing): the top one under-estimates λ_max, the bottom one
+    over-estimates λ_min. Returns ``(top vector, bottom vector, top value, bottom value)``.
+    """
+    steps = min(steps, g.shape[-1])
+    basis = torch.zeros(steps, g.shape[-1], dtype=g.dtype, device=g.device)
+    q = _unit(start)
+    for j in range(steps):
+        basis[j] = q
+        w = g @ q
+        for _ in range(2):  # twice is enough (Kahan): the basis stays orthonormal
+            w = w - basis[: j + 1].mT @ (basis[: j + 1] @ w)
+        q = _unit(w)  # a breakdown (g ≈ c I) gives noise, still orthogonal: harmless
+    ritz, vecs = torch.linalg.eigh(basis @ g @ basis.mT)
+    top, bottom = basis.mT @ vecs[:, -1], basis.mT @ vecs[:, 0]
+    return _unit(top), _unit(bottom), float(ritz[-1]), float(ritz[0])
+
+
+def _polar_iterate(v: torch.Tensor, tol: float, max_iters: int, warm, kappa_max: float):
+    """Scaled Björck steps on a tall matrix until certified.
+
+    Without gradient, unless ``v`` requires one and the estimated condition number of ``v``
+    exceeds ``kappa_max`` (where the implicit backward, whose conjugate gradients take
+    ``O(√κ)`` products, would cost more than back-propagating through the steps). Returns
+    ``(q, scale, g0, e0, u, z, tracked)`` (``g0`` the Gram matrix of ``v / scale``, ``e0`` a
+    rigorous bound on ``‖g0 − I‖₂``, ``u``/``z`` the refined top/bottom singular vector
+    estimates, ``tracked`` whether ``q`` carries the autograd graph of the steps) or ``None``
+    when ``max_iters`` steps do not certify.
+    """
+    d = v.shape[-1]
+    eye = torch.eye(d, dtype=v.dtype, device=v.device)
+    tiny = torch.finfo(v.dtype).tiny
+    with torch.no_grad():
+        vd = v.detach()
+        amax = float(torch.linalg.vector_norm(vd, math.inf).clamp_min(tiny))
+        if not 1e-15 < amax < 1e15:  # extreme scales: normalize once (squares would under/overflow)
+            vd, scale0, amax = vd / amax, amax, 1.0
+        else:
+            scale0 = 1.0
+        warm_ok = warm is not None and bool(warm[0].norm() > 0) and bool(warm[1].norm() > 0)
+        if warm_ok:
+            u, z = _unit(warm[0]), _unit(warm[1])
+        else:  # deterministic cold start: the eval-mode weight is a function of v alone
+            u = _unit(torch.ones(d, dtype=v.dtype, device=v.device))
+            z = _unit(torch.linspace(-1.0, 1.0, d, dtype=v.dtype, device=v.device) + 0.5 / d)
+        # Matrix-vector products of v / amax (entries in [-1, 1]: no overflow, whatever the
+        # scale), without forming it.
+        for _ in range(1 if warm_ok else 4):
+            u = _unit(vd.mT @ (vd @ u / amax))
+        fro = float(torch.linalg.vector_norm(vd)) / amax
+        # Both are lower bounds of σ_max (a unit vector's image; the RMS singular value), so
+        # the top singular value of x = v / (amax c) is ≥ 1 and within a small factor of 1.
+        c = max(float((vd @ u / amax).norm()), fro / math.sqrt(d), tiny)
+        x = vd / (amax * c)
+        g0 = x.mT @ x
+        e0 = float(torch.linalg.matrix_norm(g0 - eye))
+        if e0 < 0.1:
+            # Near the manifold (training): a plain first step, no estimates needed.
+            ru = rz = 1.0
+        else:
+            # Estimates of the extreme singular values and vectors of x (those of v); after
+            # a scaled step the old extremes both map to the new bottom. Start: u ± z.
+            u, z, ru, rz = _lanczos_extremes(g0, u + torch.where(u @ z < 0, -z, z))
+    # c ≤ σ_max(x) so λ_max(g0) ≥ 1: clamping the estimate at 1 keeps it a lower bound.
+    ru = max(ru, 1.0)
+    tracked = v.requires_grad and torch.is_grad_enabled() and ru > kappa_max**2 * max(rz, tiny)
+    amax *= scale0
+    if tracked:
+        x = v / (amax * c)
+    g = g0
+    anchor = None if tracked else (v, amax * c, g0, e0)
+    for k in range(max_iters):
+        if k or tracked:
+            g = x.mT @ x
+        with torch.no_grad():
+            e_mat = g.detach() - eye
+            if k == 0:
+                e, t, lo = e0, math.sqrt(ru), math.sqrt(min(max(rz, 0.0), ru))
+            else:  # after a step every σ ≤ 1 (in exact arithmetic): the top is at most 1
+                # Rayleigh quotients of the old extreme directions: each is ≥ λ_min(g), so
+                # the scaling below errs on the cautious side.
+                gd = g.detach()
+                ru_k, rz_k, e = torch.stack(
+                    (u @ (gd @ u), z @ (gd @ z), torch.linalg.matrix_norm(e_mat))
+                ).tolist()
+                t, lo = 1.0, math.sqrt(min(max(min(ru_k, rz_k), 0.0), 1.0))
+                if tracked and t < kappa_max * lo:
+                    # Well conditioned now: polar(x) = polar(v) (the steps keep the singular
+                    # vectors), so differentiate the polar factor implicitly from here on and
+                    # back-propagate only through the steps taken so far.
+                    anchor = (x, 1.0, gd, e)
+                    tracked = False
+                    x, g = x.detach(), gd
+            # Chen & Chow's scaling: α² (l² + l t + t²) = 3 maps [l, t] onto [f(αl), 1] with
+            # f(αl) = f(αt), the widest interval one step can close. An over-estimated l
+            # only makes the step more cautious.
+            alpha = math.sqrt(3.0 / (lo * lo + lo * t + t * t))
+
+            def error_after(e_bound, alpha=alpha):
+                # Rigorous: every eigenvalue of g is in [1 − e, 1 + e] (e ≥ ‖g − I‖₂); the
+                # step maps σ to f(ασ), concave, so its extremes are at the ends.
+                if e_bound >= 1:
+                    return 1.0
+                ends = (alpha * math.sqrt(1 - e_bound), alpha * math.sqrt(1 + e_bound))
+                return 1 - min(_step_map(s) for s in ends)
+
+            err = error_after(e)
+            model = 1 - min(_step_map(alpha * lo), _step_map(alpha * t))
+            if err > tol and e < 1 and model <= tol:
+                # The estimates say this is the last step but the Frobenius bound is loose
+                # (by up to √d): ‖E‖₂ ≤ ‖E²‖_F^½ is tighter, for one product.
+                e = min(e, math.sqrt(float(torch.linalg.matrix_norm(e_mat @ e_mat))))
+                err = error_after(e)
+            # ‖out‖₂ ≤ 1 in exact arithmetic: f(s) ≤ 1 for 0 ≤ s ≤ √3, and α σ ≤ α √(1 + e).
+            certified = alpha * alpha * (1 + e) <= 3 and err <= tol
+        # x + x Δ rather than x P: the product then rounds relative to the small correction
+        # Δ = P − I, which halves the rounding floor of the result's singular values.
+        step = g * (-0.5 * alpha**3)
+        step.diagonal().add_(1.5 * alpha - 1)
+        x = torch.addmm(x, x, step)
+        if certified:
+            return x, anchor, u, z
+    return None
+
+
+def _lyapunov_skew(h: torch.Tensor, c: torch.Tensor, rtol: float, max_iters: int = 500):
+    """Solve ``h z + z h = c`` for skew ``c`` (so skew ``z``), ``h`` symmetric positive definite.
+
+    Conjugate gradients on the operator ``L(z) = h z + z h = h z − (h z)ᵀ`` (one product per
+    step), which is positive definite on skew matrices with condition number ``κ(h)``.
+    """
+    z = torch.zeros_like(c)
+    r, p = c.clone(), c.clone()
+    rr = float((r * r).sum())
+    target = rtol * rtol * rr
+    for _ in range(max_iters):
+        if rr <= target:
+            break
+        hp = h @ p
+        lp = hp - hp.mT
+        step = rr / float((p * lp).sum())
+        z.add_(p, alpha=step)
+        r.sub_(lp, alpha=step)
+        rr, rr_old = float((r * r).sum()), rr
+        p = r + (rr / rr_old) * p
+    return z
+
+
+class _PolarGrad(torch.autograd.Function):
+    """Identity on the polar factor ``q`` of ``w``; backward: the exact derivative of ``w ↦ q``."""
+
+    @staticmethod
+    def forward(ctx, w, q, g0, scale, e0, grad_tol):
+        ctx.save_for_backward(w, q, g0)
+        ctx.scale, ctx.e0, ctx.grad_tol = scale, e0, grad_tol
+        return q.view_as(q)
+
+    @staticmethod
+    def backward(ctx, grad):
+        v, q, g0 = ctx.saved_tensors
+        d = q.shape[-1]
+        eye = torch.eye(d, dtype=q.dtype, device=q.device)
+        # v / scale = Q H. dQ = Q Ω + (I − QQᵀ) dW H⁻¹ with H Ω + Ω H = Qᵀ dW − dWᵀ Q, so the
+        # adjoint is Q Z + (I − QQᵀ) G H⁻¹ with H Z + Z H = QᵀG − GᵀQ (then divided by scale).
+        a = q.mT @ grad
+        c = a - a.mT
+        e0, tol = ctx.e0, ctx.grad_tol
+        tall = v.shape[-2] > d
+        # ‖H − I‖₂ ≤ ‖g0 − I‖₂ ≤ e0: Z = C/2 to relative accuracy e0. Below the rounding
+        # floor of a computed d×d Gram matrix (~d·eps in Frobenius norm) H is I to working
+        # precision: nothing finer can be resolved from it.
+        floor = 2 * d * torch.finfo(q.dtype).eps
+        if e0 <= max(tol, floor):
+            gw = torch.mm(q, c).mul_(0.5)
+            if tall:
+                gw.add_(grad).sub_(q @ a)
+        elif e0 * e0 <= tol:  # H = I + E/2 + O(E²) with E = g0 − I: first order is enough
+            e_mat = g0 - eye
+            ec = e_mat @ c
+            z = 0.5 * c - 0.125 * (ec - ec.mT)
+            gw = q @ z + ((grad - q @ a) @ (eye - 0.5 * e_mat) if tall else 0)
+        else:
+            h = q.mT @ (v / ctx.scale)
+            h = 0.5 * (h + h.mT)
+            gw = q @ _lyapunov_skew(h, c, tol)
+            if tall:
+                chol = torch.linalg.cholesky(h)
+                gw = gw + torch.cholesky_solve((grad - q @ a).mT, chol).mT
+        return gw.div_(ctx.scale), None, None, None, None, None
+
+
+def solve(w: torch.Tensor, tol: float, max_iters: int, warm, grad_tol: float):
+    """The certified polar factor of a 2-D ``w`` with its implicit gradient, or ``None``."""
+    wide = w.shape[-2] < w.shape[-1]
+    v = w.mT if wide else w
+    result = _polar_iterate(v, tol, max_iters, warm, _KAPPA_IMPLICIT)
+    if result is None:
+        return None
+    q, anchor, u, z = result
+    if warm is not None:
+        with torch.no_grad():
+            warm[0].copy_(u)
+            warm[1].copy_(z)
+    if anchor is not None and anchor[0].requires_grad and torch.is_grad_enabled():
+        q = _PolarGrad.apply(anchor[0], q, anchor[2], anchor[1], anchor[3], grad_tol)
+    return q.mT if wide else q

@@ -1,0 +1,7 @@
+"""``python -m lipsort.bench``: see :mod:`lipsort.bench`."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
