@@ -137,7 +137,9 @@ def group_sort(x: torch.Tensor, group_size: int, dim: int = 1) -> torch.Tensor:
     """
     _check_tensor(x)
     grouped, gdim = _grouped(x, group_size, dim)
-    if group_size in _NETWORKS:
+    # Under torch.func transforms (vmap, jacrev, ...) the sort below is used: the custom
+    # Function has no vmap rule, and sort's Jacobian is the same permutation.
+    if group_size in _NETWORKS and not torch._C._are_functorch_transforms_active():
         return _CompareExchange.apply(grouped, gdim, _NETWORKS[group_size]).reshape(x.shape)
     return grouped.sort(dim=gdim, descending=True).values.reshape(x.shape)
 

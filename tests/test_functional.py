@@ -308,3 +308,13 @@ def test_group_sort_4_jacobian_is_a_permutation_even_at_ties():
 def test_polar_bad_inputs(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_max_min_works_under_torch_func_transforms():
+    # jacrev/vmap cannot trace the custom compare-exchange Function: the sort path serves them,
+    # with the same values and the same permutation Jacobian.
+    x = torch.tensor([[3.0, 1.0, 2.0, 2.0], [0.0, 5.0, -1.0, 4.0]], dtype=torch.float64)
+    jac = torch.func.vmap(torch.func.jacrev(lambda v: F.max_min(v[None])[0]))(x)
+    for xi, ji in zip(x, jac):
+        assert torch.equal(F.max_min(xi[None])[0], ji @ xi)
+        assert torch.equal(ji.abs().sum(0), torch.ones(4, dtype=torch.float64))  # a permutation
