@@ -156,6 +156,15 @@ def test_finish_raises_on_failing_claim_after_writing(tmp_path, capsys):
     assert json.loads((tmp_path / "r" / "01_demo.json").read_text())["claims"]["T1-demo"] == "fails"
 
 
+def test_partial_runs_report_claims_without_checking_them(tmp_path, capsys):
+    # A -p run (fewer steps or seeds) writes to <profile>-partial/: evidence, not a verdict.
+    path = make_root(tmp_path, [{**GOOD, "profile": "full"}])
+    finish("01_demo", {"mean.abs": 0.9}, profile="full", results_dir=tmp_path / "full-partial", claims_file=path)
+    assert "reported (partial run)" in capsys.readouterr().out
+    record = json.loads((tmp_path / "full-partial" / "01_demo.json").read_text())
+    assert record["claims"]["T1-demo"] == "reported (partial run)"
+
+
 def test_full_claims_are_only_reported_at_quick(tmp_path, capsys):
     path = make_root(tmp_path, [{**GOOD, "profile": "full"}])
     finish("01_demo", {"mean.abs": 0.9}, profile="quick", claims_file=path)

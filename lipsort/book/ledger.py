@@ -58,6 +58,8 @@ PAPERS = ("anil2019", "li2019", "bethune2022")
 SOURCES = ("paper", "exact", "derived", "qualitative")
 #: Execution profiles, from cheapest to most faithful.
 PROFILES = ("quick", "full")
+#: Suffix of the results folder of a run with parameter overrides (``book/results/full-partial``).
+PARTIAL_SUFFIX = "-partial"
 #: Environment variable that points :func:`claims_path` to another ledger (used by the runner
 #: and the tests to run chapters outside the repository).
 CLAIMS_ENV = "LIPSORT_CLAIMS"
