@@ -143,11 +143,6 @@ def test_key_numbers_are_a_table(html, slug):
 
 
 @needs_goldens
-@pytest.mark.xfail(
-    strict=True,
-    reason="the ledger page still has 8-column tables; the ledger redesign (issue 7) brings them "
-    "to six columns at most; remove this mark then",
-)
 def test_ledger_tables_fit_a_screen(html):
     soup = _soup(html / "book" / "reproduction.html")
     tables = soup.find_all("table")
