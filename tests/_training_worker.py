@@ -65,7 +65,9 @@ def ddp_problem():
     x = torch.randn(37, 5, generator=g, dtype=D)
     y = torch.randint(0, 3, (37,), generator=g)
     seed(0)
-    net = mlp([5, 8, 8, 3], activation="maxmin", constraint="bjorck").to(D)
+    # The fixed-count Björck path: the default polar path warm-starts from a per-process buffer,
+    # so its weight agrees across processes only to its certified tolerance (1e-12), not bit for bit.
+    net = mlp([5, 8, 8, 3], activation="maxmin", constraint="bjorck", n_iters=20).to(D)
     kwargs = {
         "optimizer": lambda p: torch.optim.Adam(p, lr=2e-2),
         "loss": nn.CrossEntropyLoss(),

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch  # noqa: F401  (the doctests use it)
 from torch import nn
 
 from .._checks import check_int
