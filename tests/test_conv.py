@@ -445,12 +445,12 @@ def test_unbatched_input_and_strided_shapes():
         ({"padding": "valid"}, "padding='same'"),
         ({"padding_mode": "zeros"}, "padding_mode='circular' only"),
         ({"kernel_size": (3, 2)}, "square k×k kernels"),
-        ({"kernel_size": 0}, "kernel_size must be an integer >= 1"),
-        ({"in_channels": 0}, "in_channels must be an integer >= 1"),
-        ({"out_channels": 2.5}, "out_channels must be an integer"),
+        ({"kernel_size": 0}, "kernel_size must be a positive integer"),
+        ({"in_channels": 0}, "in_channels must be a positive integer"),
+        ({"out_channels": 2.5}, "out_channels must be a positive integer"),
         ({"projector_ranks": 5}, r"ranks must lie in 0\.\.4"),
         ({"projector_ranks": (1, 2, 3)}, r"one rank per projector, 2\(k-1\) = 4"),
-        ({"n_iters": -1}, "n_iters must be an integer >= 0"),
+        ({"n_iters": -1}, "n_iters must be a non-negative integer"),
         ({"order": 5}, "order must be 1, 2, 3 or 4"),
         ({"input_size": (4, 4, 4)}, "input_size must be an int or a pair"),
     ],
@@ -469,7 +469,7 @@ def test_even_kernel_padding_message_and_baseline_checks():
         RKO(4, 4, 3, stride=2)
     with pytest.raises(ValueError, match="OSSN supports padding_mode='circular' only"):
         OSSN(4, 4, 3, padding_mode="reflect")
-    with pytest.raises(ValueError, match="n_power_iters must be an integer >= 1"):
+    with pytest.raises(ValueError, match="n_power_iters must be a positive integer"):
         OSSN(4, 4, 3, n_power_iters=0)
     with pytest.raises(ValueError, match="not known yet"):
         _ = OSSN(4, 4, 3).weight

@@ -33,8 +33,8 @@ Example:
 from ._base import CircularConv2d, circular_conv2d, circular_conv2d_transpose
 from .baselines import OSSN, RKO, InvertibleDownsampling, strided_conv
 from .bcop import BCOP, bcop_kernel, embed_bcop, projector_block
-from .spectrum import component_invariants, singular_values
 from .networks import CONVS, Scale, bcop_large, bcop_small, fc3, freeze_projectors, lenet
+from .spectrum import component_invariants, singular_values
 
 __all__ = [
     "BCOP",

@@ -17,17 +17,17 @@ singular values (a circular shift is orthogonal): it only moves the output by a 
 
 from __future__ import annotations
 
-import operator
-
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as nnf
 from torch import Tensor, nn
+
+from .._checks import check_int
 
 __all__ = ["circular_conv2d", "circular_conv2d_transpose"]
 
 
 def _pads(kernel_size: tuple[int, int], adjoint: bool = False) -> tuple[int, int, int, int]:
-    """``F.pad`` amounts (left, right, top, bottom) for the anchor of Note [anchor]."""
+    """``nnf.pad`` amounts (left, right, top, bottom) for the anchor of Note [anchor]."""
     (kh, kw) = kernel_size
     ch, cw = (kh - 1) // 2, (kw - 1) // 2
     if adjoint:  # the flipped kernel of the adjoint is anchored at k - 1 - c
@@ -66,7 +66,7 @@ def circular_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Te
         True
     """
     _check_spatial(x, weight.shape[-2:])
-    return F.conv2d(F.pad(x, _pads(weight.shape[-2:]), mode="circular"), weight, bias)
+    return nnf.conv2d(nnf.pad(x, _pads(weight.shape[-2:]), mode="circular"), weight, bias)
 
 
 def circular_conv2d_transpose(y: Tensor, weight: Tensor) -> Tensor:
@@ -85,24 +85,20 @@ def circular_conv2d_transpose(y: Tensor, weight: Tensor) -> Tensor:
     """
     _check_spatial(y, weight.shape[-2:])
     flipped = weight.flip(-2, -1).transpose(0, 1)
-    return F.conv2d(F.pad(y, _pads(weight.shape[-2:], adjoint=True), mode="circular"), flipped)
+    return nnf.conv2d(nnf.pad(y, _pads(weight.shape[-2:], adjoint=True), mode="circular"), flipped)
 
 
 # --------------------------------------------------------------------------- argument checks
 
 
-def _positive_int(value, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be an integer >= {minimum}, got the bool {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise ValueError(
-            f"{name} must be an integer >= {minimum}, got {value!r} ({type(value).__name__})"
-        ) from None
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
-    return value
+def _bjorck_settings(n_iters, eval_iters, order) -> tuple[int, int | None, int]:
+    """Checked ``(n_iters, eval_iters, order)`` of a Björck-orthonormalized kernel (RKO, BCOP)."""
+    n_iters = check_int(n_iters, "n_iters", 0)
+    if eval_iters is not None:
+        eval_iters = check_int(eval_iters, "eval_iters", 0)
+    if isinstance(order, bool) or order not in (1, 2, 3, 4):
+        raise ValueError(f"Björck order must be 1, 2, 3 or 4, got {order!r}")
+    return n_iters, eval_iters, order
 
 
 def _square_kernel(kernel_size, layer: str) -> int:
@@ -113,7 +109,7 @@ def _square_kernel(kernel_size, layer: str) -> int:
                 f"{tuple(kernel_size)!r}"
             )
         kernel_size = kernel_size[0]
-    return _positive_int(kernel_size, "kernel_size")
+    return check_int(kernel_size, "kernel_size")
 
 
 def _input_size(size, name: str = "input_size") -> tuple[int, int] | None:
@@ -122,8 +118,8 @@ def _input_size(size, name: str = "input_size") -> tuple[int, int] | None:
     if isinstance(size, (tuple, list, torch.Size)):
         if len(size) != 2:
             raise ValueError(f"{name} must be an int or a pair (H, W), got {tuple(size)!r}")
-        return (_positive_int(size[0], name), _positive_int(size[1], name))
-    n = _positive_int(size, name)
+        return (check_int(size[0], name), check_int(size[1], name))
+    n = check_int(size, name)
     return (n, n)
 
 
@@ -178,8 +174,8 @@ class CircularConv2d(nn.Module):
         dtype,
     ):
         super().__init__()
-        self.in_channels = _positive_int(in_channels, "in_channels")
-        self.out_channels = _positive_int(out_channels, "out_channels")
+        self.in_channels = check_int(in_channels, "in_channels")
+        self.out_channels = check_int(out_channels, "out_channels")
         k = _square_kernel(kernel_size, layer)
         _check_geometry(layer, k, stride, padding, padding_mode)
         self.kernel_size = (k, k)

@@ -22,9 +22,10 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as LF
+from .._checks import check_int
 from ..certify import register_lipschitz_bound
 from ..parametrizations import EvalCachedConstraint, register_frozen_export
-from ._base import CircularConv2d, _positive_int, circular_conv2d, circular_conv2d_transpose
+from ._base import CircularConv2d, _bjorck_settings, circular_conv2d, circular_conv2d_transpose
 from .spectrum import circular_conv_bound, singular_values
 
 __all__ = ["OSSN", "RKO", "InvertibleDownsampling", "strided_conv"]
@@ -99,11 +100,7 @@ class RKO(CircularConv2d):
             device,
             dtype,
         )
-        n_iters = _positive_int(n_iters, "n_iters", 0)
-        if eval_iters is not None:
-            eval_iters = _positive_int(eval_iters, "eval_iters", 0)
-        if isinstance(order, bool) or order not in (1, 2, 3, 4):
-            raise ValueError(f"Björck order must be 1, 2, 3 or 4, got {order!r}")
+        n_iters, eval_iters, order = _bjorck_settings(n_iters, eval_iters, order)
         shape = (self.out_channels, self.in_channels) + self.kernel_size
         self.weight_orig = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
         self.kernel_map = RKOKernel(n_iters, order, eval_iters)
@@ -216,7 +213,7 @@ class OSSN(CircularConv2d):
             device,
             dtype,
         )
-        self.n_power_iters = _positive_int(n_power_iters, "n_power_iters", 1)
+        self.n_power_iters = check_int(n_power_iters, "n_power_iters", 1)
         shape = (self.out_channels, self.in_channels) + self.kernel_size
         self.weight_orig = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
         self.register_buffer("u", torch.empty(0, device=device, dtype=dtype))
@@ -295,7 +292,7 @@ class InvertibleDownsampling(nn.PixelUnshuffle):
     """
 
     def __init__(self, factor: int = 2):
-        super().__init__(_positive_int(factor, "factor"))
+        super().__init__(check_int(factor, "factor"))
 
     def forward(self, x: Tensor) -> Tensor:
         f = self.downscale_factor
@@ -337,8 +334,8 @@ def strided_conv(
         >>> conv(torch.randn(5, 1, 28, 28)).shape
         torch.Size([5, 16, 14, 14])
     """
-    stride = _positive_int(stride, "stride")
-    kernel_size = _positive_int(kernel_size, "kernel_size")
+    stride = check_int(stride, "stride")
+    kernel_size = check_int(kernel_size, "kernel_size")
     if kernel_size % stride:
         raise ValueError(
             f"strided_conv needs kernel_size divisible by stride (the convolution after "

@@ -33,13 +33,14 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as nnf
 from torch import Tensor, nn
 
 from .. import functional as LF
+from .._checks import check_int
 from ..certify import register_lipschitz_bound
 from ..parametrizations import EvalCachedConstraint, register_frozen_export
-from ._base import CircularConv2d, _positive_int
+from ._base import CircularConv2d, _bjorck_settings
 from .spectrum import circular_conv_bound
 
 __all__ = ["BCOP", "bcop_kernel", "embed_bcop", "projector_block"]
@@ -81,11 +82,11 @@ def _compose(a: Tensor, b: Tensor) -> Tensor:
     r"""Block convolution: the kernel ``C`` with :math:`\hat C = \hat A \hat B`.
 
     ``C[:, :, i, j] = Σ_{a,b} A[:, :, a, b] @ B[:, :, i−a, j−b]``: a full 2-D convolution of the
-    taps with a contraction over the middle channels, i.e. one ``F.conv2d`` call with the rows
+    taps with a contraction over the middle channels, i.e. one ``nnf.conv2d`` call with the rows
     of ``A`` as the batch (so no Python loop over taps).
     """
     t1, t2 = b.shape[-2:]
-    return F.conv2d(a, b.transpose(0, 1).flip(-2, -1), padding=(t1 - 1, t2 - 1))
+    return nnf.conv2d(a, b.transpose(0, 1).flip(-2, -1), padding=(t1 - 1, t2 - 1))
 
 
 def bcop_kernel(h: Tensor, projectors: Tensor) -> Tensor:
@@ -206,14 +207,14 @@ def _ranks(projector_ranks, n: int, count: int) -> tuple[int, ...]:
     if projector_ranks is None:
         return (n // 2,) * count
     if isinstance(projector_ranks, Sequence) and not isinstance(projector_ranks, str):
-        ranks = tuple(_positive_int(r, "projector rank", 0) for r in projector_ranks)
+        ranks = tuple(check_int(r, "projector rank", 0) for r in projector_ranks)
         if len(ranks) != count:
             raise ValueError(
                 f"projector_ranks needs one rank per projector, 2(k-1) = {count} for this "
                 f"kernel size, got {len(ranks)}"
             )
     else:
-        ranks = (_positive_int(projector_ranks, "projector_ranks", 0),) * count
+        ranks = (check_int(projector_ranks, "projector_ranks", 0),) * count
     if any(r > n for r in ranks):
         raise ValueError(
             f"projector ranks must lie in 0..{n} (n = max(in_channels, out_channels)), got {ranks}"
@@ -300,11 +301,7 @@ class BCOP(CircularConv2d):
             device,
             dtype,
         )
-        n_iters = _positive_int(n_iters, "n_iters", 0)
-        if eval_iters is not None:
-            eval_iters = _positive_int(eval_iters, "eval_iters", 0)
-        if isinstance(order, bool) or order not in (1, 2, 3, 4):
-            raise ValueError(f"Björck order must be 1, 2, 3 or 4, got {order!r}")
+        n_iters, eval_iters, order = _bjorck_settings(n_iters, eval_iters, order)
         k = self.kernel_size[0]
         self.max_channels = n = max(self.in_channels, self.out_channels)
         ranks = _ranks(projector_ranks, n, 2 * (k - 1))

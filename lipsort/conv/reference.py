@@ -15,7 +15,7 @@ batched call each, and builds the taps of all blocks in batched products.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as nnf
 from torch import Tensor
 
 from .. import functional as LF
@@ -54,13 +54,13 @@ def bcop_kernel_per_tap(layer: BCOP) -> Tensor:
     c_out, c_in = layer.out_channels, layer.in_channels
     n, k = layer.max_channels, layer.kernel_size[0]
     left = c_out <= c_in  # H multiplies the blocks from the left (else from the right)
-    h_square = F.pad(layer.ortho_orig, (0, n - c_in, 0, n - c_out))
+    h_square = nnf.pad(layer.ortho_orig, (0, n - c_in, 0, n - c_out))
     h = LF.bjorck(h_square, iters, km.order)
     eye = torch.eye(n, dtype=h.dtype, device=h.device)
     projs = []
     for i, r in enumerate(layer.projector_ranks):
         v_orig = layer.proj_orig[i]
-        v = LF.bjorck(F.pad(v_orig, (0, n - v_orig.shape[-1])), iters, km.order)
+        v = LF.bjorck(nnf.pad(v_orig, (0, n - v_orig.shape[-1])), iters, km.order)
         v = v[:, :r]
         projs.append(v @ v.T)
     taps = {(0, 0): eye} if k == 1 else None
