@@ -23,6 +23,7 @@ from ..models import mlp
 from ..wasserstein import ConeProblem, CriticResult, fit_critic, gradient_norms
 
 __all__ = [
+    "run_results",
     "composition_table",
     "orthogonal_mlp",
     "attenuation_table",
@@ -343,6 +344,22 @@ def decayed_schedule(milestones, gamma, decayed_from: int, factor: float = 0.1) 
         raise ValueError(f"decayed_from={decayed_from} is already a milestone of {list(milestones)}")
     pairs = sorted([*zip(milestones, gammas), (decayed_from, factor)])
     return {"milestones": [m for m, _ in pairs], "gamma": [g for _, g in pairs]}
+
+
+def run_results(runs: list[CriticResult], suffix: str = "") -> dict[str, float]:
+    """The ledger keys of the A1 critics: ``w1.<act>.<constraint><suffix>`` and its certified value
+    (only for approximate constraints: a Björck critic's certified value is its estimate),
+    ``lipschitz.*`` and ``gradnorm.*.{mean, frac_unit}``."""
+    out: dict[str, float] = {}
+    for r in runs:
+        key = f"{r.activation}.{r.constraint}{suffix}"
+        out[f"w1.{key}"] = r.estimate
+        if r.constraint != "bjorck":
+            out[f"w1.{key}.certified"] = r.certified
+        out[f"lipschitz.{key}"] = r.lipschitz
+        out[f"gradnorm.{key}.mean"] = r.grad_stats["mean"]
+        out[f"gradnorm.{key}.frac_unit"] = r.grad_stats["frac_unit"]
+    return out
 
 
 def results_table(runs: list[CriticResult], decimals: int = 3, variant: list[CriticResult] = ()):
