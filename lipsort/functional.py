@@ -107,6 +107,16 @@ class _CompareExchange(torch.autograd.Function):
     batch dimension is moved first and the same Function runs on the whole batch.
     """
 
+    @classmethod
+    def apply(cls, grouped, gdim, pairs):
+        if torch._C._are_functorch_transforms_active():
+            return super().apply(grouped, gdim, pairs)
+        # Eager: what Function.apply does, less the inspect.signature binding of default
+        # arguments it adds for setup_context Functions (forward has none) on every call,
+        # which costs about as much as the whole compare-exchange of a small batch.
+        (grouped,) = torch._functorch.utils.unwrap_dead_wrappers((grouped,))
+        return super(torch.autograd.Function, cls).apply(grouped, gdim, pairs)
+
     @staticmethod
     def forward(grouped, gdim, pairs):
         # The vmap rule below hands plain tensors down, so the fast in-place kernels apply.
@@ -131,11 +141,14 @@ class _CompareExchange(torch.autograd.Function):
         _, ctx.gdim, ctx.pairs = inputs
         masks = output[1:]
         ctx.mark_non_differentiable(*masks)
+        ctx.set_materialize_grads(False)  # no zero gradients for the masks
         ctx.save_for_backward(*masks)
         ctx.save_for_forward(*masks)
 
     @staticmethod
     def backward(ctx, grad, *_):
+        if grad is None:  # the result took no part in the loss (only the masks did)
+            return None, None, None
         masks = ctx.saved_tensors
         return _route(grad, ctx.gdim, ctx.pairs[::-1], masks[::-1]), None, None
 
