@@ -207,8 +207,8 @@ def max_min(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
 
     The paper's MaxMin: GroupSort with groups of two. It keeps the number of units (unlike a
     channel-doubling "MaxMin" that concatenates ``max(x, 0)`` and ``min(x, 0)``).
-    Ties route each gradient to exactly one output, so the Jacobian is a permutation even there;
-    backward keeps one bool per pair.
+    Ties route each gradient to exactly one output, so the Jacobian is a permutation even there
+    (also under ``torch.func`` transforms); backward keeps one bool per pair.
 
     Example:
         >>> max_min(torch.tensor([[1., 3., -2., -5.]]))
