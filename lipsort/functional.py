@@ -60,23 +60,73 @@ def _grouped(x: torch.Tensor, group_size: int, dim: int) -> tuple[torch.Tensor, 
     return x.reshape(shape), dim + 1
 
 
+def _unwrapped(*tensors) -> bool:
+    """Whether none of ``tensors`` is a torch.func wrapper (a vmap, grad or jvp level) or a
+    batched tensor of the older vmap (``torch.autograd.functional.jacobian(vectorize=True)``)."""
+    fn = torch._C._functorch
+    return not any(
+        fn.is_functorch_wrapped_tensor(t) or fn.is_legacy_batchedtensor(t) for t in tensors
+    )
+
+
+def _route(t: torch.Tensor, gdim: int, pairs, masks) -> torch.Tensor:
+    """Apply the recorded swaps to ``t`` in order: slot ``i`` takes ``where(keep, tᵢ, tⱼ)``, slot
+    ``j`` the other one. Each step is its own inverse, so the reversed order is the transpose."""
+    if torch.is_grad_enabled() or not _unwrapped(t, *masks):
+        # Out of place, with ops that torch.func batches and autograd differentiates (for a
+        # vmapped backward, forward-mode tangents and double backward).
+        slots = list(t.unbind(gdim))
+        for (i, j), keep in zip(pairs, masks):
+            a, b = slots[i], slots[j]
+            slots[i], slots[j] = torch.where(keep, a, b), torch.where(keep, b, a)
+        return torch.stack(slots, gdim)
+    # Eager fast path: write straight into strided slots of one output, no stacking copy.
+    single = len(pairs) == 1 and t.shape[gdim] == 2
+    out = torch.empty_like(t) if single else t.clone()
+    src = t if single else out
+    for (i, j), keep in zip(pairs, masks):
+        a, b = src.select(gdim, i), src.select(gdim, j)
+        if src is out:  # in place: keep slot i's value aside until slot j has read both
+            to_i = torch.where(keep, a, b)
+            torch.where(keep, b, a, out=out.select(gdim, j))
+            out.select(gdim, i).copy_(to_i)
+        else:
+            torch.where(keep, a, b, out=out.select(gdim, i))
+            torch.where(keep, b, a, out=out.select(gdim, j))
+    return out
+
+
 class _CompareExchange(torch.autograd.Function):
-    """Compare-exchange steps on slots of a grouped tensor, with a tie-safe backward.
+    """Compare-exchange steps on slots of a grouped tensor, with a tie-safe derivative.
 
     Each step ``(i, j)`` puts ``max`` in slot ``i`` and ``min`` in slot ``j`` and keeps one
-    bool per group (``x_i ≥ x_j``); the backward routes every gradient entry back through the
+    bool per group (``keep = xᵢ ≥ xⱼ``), returned after the result (non-differentiable). The
+    backward, the forward-mode ``jvp`` and the double backward route every entry through the
     same swaps, so the Jacobian is exactly a permutation, even at ties (where
-    ``torch.maximum`` would split the gradient in halves).
+    ``torch.maximum`` would split the gradient in halves). Under ``torch.func.vmap`` the
+    batch dimension is moved first and the same Function runs on the whole batch.
     """
 
+    @classmethod
+    def apply(cls, grouped, gdim, pairs):
+        if torch._C._are_functorch_transforms_active():
+            return super().apply(grouped, gdim, pairs)
+        # Eager: what Function.apply does, less the inspect.signature binding of default
+        # arguments it adds for setup_context Functions (forward has none) on every call,
+        # which costs about as much as the whole compare-exchange of a small batch.
+        (grouped,) = torch._functorch.utils.unwrap_dead_wrappers((grouped,))
+        return super(torch.autograd.Function, cls).apply(grouped, gdim, pairs)
+
     @staticmethod
-    def forward(ctx, grouped, gdim, pairs):
-        y = grouped.clone() if len(pairs) > 1 else torch.empty_like(grouped)
-        src = grouped if len(pairs) == 1 else y
+    def forward(grouped, gdim, pairs):
+        # The vmap rule below hands plain tensors down, so the fast in-place kernels apply.
+        single = len(pairs) == 1 and grouped.shape[gdim] == 2
+        y = torch.empty_like(grouped) if single else grouped.clone()
+        src = grouped if single else y
         masks = []
         for i, j in pairs:
             a, b = src.select(gdim, i), src.select(gdim, j)
-            keep = torch.ge(a, b)
+            masks.append(torch.ge(a, b))
             if src is y:  # in place: keep the max aside until the min has read both slots
                 hi = torch.maximum(a, b)
                 torch.minimum(a, b, out=y.select(gdim, j))
@@ -84,26 +134,32 @@ class _CompareExchange(torch.autograd.Function):
             else:
                 torch.maximum(a, b, out=y.select(gdim, i))
                 torch.minimum(a, b, out=y.select(gdim, j))
-            masks.append(keep)
-        ctx.save_for_backward(*masks)
-        ctx.gdim, ctx.pairs = gdim, pairs
-        return y
+        return (y, *masks)
 
     @staticmethod
-    def backward(ctx, grad):
-        gdim = ctx.gdim
-        g = grad.clone() if len(ctx.pairs) > 1 else torch.empty_like(grad)
-        src = grad if len(ctx.pairs) == 1 else g
-        for (i, j), keep in zip(reversed(ctx.pairs), reversed(ctx.saved_tensors)):
-            gi, gj = src.select(gdim, i), src.select(gdim, j)
-            if src is g:
-                to_i = torch.where(keep, gi, gj)
-                torch.where(keep, gj, gi, out=g.select(gdim, j))
-                g.select(gdim, i).copy_(to_i)
-            else:
-                torch.where(keep, gi, gj, out=g.select(gdim, i))
-                torch.where(keep, gj, gi, out=g.select(gdim, j))
-        return g, None, None
+    def setup_context(ctx, inputs, output):
+        _, ctx.gdim, ctx.pairs = inputs
+        masks = output[1:]
+        ctx.mark_non_differentiable(*masks)
+        ctx.set_materialize_grads(False)  # no zero gradients for the masks
+        ctx.save_for_backward(*masks)
+        ctx.save_for_forward(*masks)
+
+    @staticmethod
+    def backward(ctx, grad, *_):
+        if grad is None:  # the result took no part in the loss (only the masks did)
+            return None, None, None
+        masks = ctx.saved_tensors
+        return _route(grad, ctx.gdim, ctx.pairs[::-1], masks[::-1]), None, None
+
+    @staticmethod
+    def jvp(ctx, tangent, *_):
+        return (_route(tangent, ctx.gdim, ctx.pairs, ctx.saved_tensors), *(None for _ in ctx.pairs))
+
+    @staticmethod
+    def vmap(info, in_dims, grouped, gdim, pairs):
+        outputs = _CompareExchange.apply(grouped.movedim(in_dims[0], 0), gdim + 1, pairs)
+        return outputs, (0,) * len(outputs)
 
 
 # Sorting networks (Knuth, TAOCP 5.3.4), largest first: slot i gets the max. Only pairs go
@@ -120,7 +176,8 @@ def group_sort(x: torch.Tensor, group_size: int, dim: int = 1) -> torch.Tensor:
     the Jacobian is a permutation matrix: the map preserves every p-norm of its input and of
     the back-propagated gradient, and is 1-Lipschitz in every p-norm. Pairs go through a
     compare-exchange (one bool per pair kept for backward, instead of sort's int64 index per
-    unit); other sizes through ``torch.sort``.
+    unit), also under ``torch.func`` transforms (``vmap``, ``grad``, ``jacrev``, ``jacfwd``)
+    and for double backward; other sizes through ``torch.sort``.
 
     Args:
         x: input tensor.
@@ -134,13 +191,14 @@ def group_sort(x: torch.Tensor, group_size: int, dim: int = 1) -> torch.Tensor:
         tensor([[3., 1., 2., 0.]])
         >>> group_sort(x, 4)
         tensor([[3., 2., 1., 0.]])
+        >>> torch.func.jacfwd(lambda v: group_sort(v, 2, 0))(torch.zeros(2))  # a tie: no halves
+        tensor([[1., 0.],
+                [0., 1.]])
     """
     _check_tensor(x)
     grouped, gdim = _grouped(x, group_size, dim)
-    # Under torch.func transforms (vmap, jacrev, ...) the sort below is used: the custom
-    # Function has no vmap rule, and sort's Jacobian is the same permutation.
-    if group_size in _NETWORKS and not torch._C._are_functorch_transforms_active():
-        return _CompareExchange.apply(grouped, gdim, _NETWORKS[group_size]).reshape(x.shape)
+    if group_size in _NETWORKS:
+        return _CompareExchange.apply(grouped, gdim, _NETWORKS[group_size])[0].reshape(x.shape)
     return grouped.sort(dim=gdim, descending=True).values.reshape(x.shape)
 
 
@@ -149,8 +207,8 @@ def max_min(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
 
     The paper's MaxMin: GroupSort with groups of two. It keeps the number of units (unlike a
     channel-doubling "MaxMin" that concatenates ``max(x, 0)`` and ``min(x, 0)``).
-    Ties route each gradient to exactly one output, so the Jacobian is a permutation even there;
-    backward keeps one bool per pair.
+    Ties route each gradient to exactly one output, so the Jacobian is a permutation even there
+    (also under ``torch.func`` transforms); backward keeps one bool per pair.
 
     Example:
         >>> max_min(torch.tensor([[1., 3., -2., -5.]]))

@@ -76,17 +76,37 @@ def test_cli_quick_run_reports_ratios_and_writes_json(tmp_path, capsys):
             assert r["value"] <= 1 + 1e-5
         elif r["bench"] == "mlp":
             assert r["value"] > 0  # minutes for the A3 run
+        elif r["bench"] == "bcop" and r["impl"] != "unconstrained":
+            # Exact singular values: both constructions orthogonal, with the same gradient.
+            assert r["value"] < 1e-5 and r["grad_error"] < 1e-4
     assert "× lipsort" in table
 
 
-def test_module_entry_point(tmp_path):
-    path = tmp_path / "gs.json"
-    cmd = [sys.executable, "-m", "lipsort.bench", "groupsort", *TINY, "--json", str(path)]
+@pytest.mark.parametrize("name,shown", [("groupsort", ("max_min", "relu")), ("bcop", ("BCOP", "per-tap"))])
+def test_module_entry_point(tmp_path, name, shown):
+    path = tmp_path / f"{name}.json"
+    cmd = [sys.executable, "-m", "lipsort.bench", name, *TINY, "--json", str(path)]
     done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     rows = json.loads(path.read_text())["rows"]
-    assert {r["bench"] for r in rows} == {"groupsort"}
-    assert "max_min" in done.stdout and "relu" in done.stdout
+    assert {r["bench"] for r in rows} == {name}
+    assert all(word in done.stdout for word in shown)
+
+
+def test_bcop_case_compares_the_per_tap_construction():
+    from lipsort.bench.convolutions import TINY_LAYERS
+
+    res = bench.run(["bcop"], repeat=1, threads=1, min_time=0.001, tiny=True, progress=False)
+    rows = res["rows"]
+    assert len(rows) == 3 * len(TINY_LAYERS)
+    for net, c_in, c_out, k, size in TINY_LAYERS:
+        case = [r for r in rows if f"{c_in}→{c_out} {k}×{k} @{size}×{size}" in r["case"]]
+        assert sorted(r["impl"] for r in case) == ["lipsort", "per-tap", "unconstrained"]
+        ours, peer, free = (next(r for r in case if r["impl"] == i) for i in ("lipsort", "per-tap", "unconstrained"))
+        assert ours["ratio"] == 1.0 and peer["ratio"] == pytest.approx(peer["time_ms"] / ours["time_ms"])
+        for r in (ours, peer):
+            assert r["metric"] == "max|σ-1|" and r["value"] < 1e-5 and r["grad_error"] < 1e-4
+        assert free["grad_error"] is None and free["value"] >= 0
 
 
 def test_peak_memory_sees_a_temporary():

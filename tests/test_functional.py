@@ -288,7 +288,7 @@ def test_group_sort_4_jacobian_is_a_permutation_even_at_ties():
     gdim = 2
 
     def net(t):
-        return F._CompareExchange.apply(t.reshape(1, 2, 4), gdim, F.NETWORK_4).reshape(1, 8)
+        return F._CompareExchange.apply(t.reshape(1, 2, 4), gdim, F.NETWORK_4)[0].reshape(1, 8)
 
     assert torch.equal(net(x), F.group_sort(x, 4))
     jac = torch.autograd.functional.jacobian(net, x).reshape(8, 8)
@@ -310,11 +310,77 @@ def test_polar_bad_inputs(call, match):
         call()
 
 
-def test_max_min_works_under_torch_func_transforms():
-    # jacrev/vmap cannot trace the custom compare-exchange Function: the sort path serves them,
-    # with the same values and the same permutation Jacobian.
-    x = torch.tensor([[3.0, 1.0, 2.0, 2.0], [0.0, 5.0, -1.0, 4.0]], dtype=torch.float64)
-    jac = torch.func.vmap(torch.func.jacrev(lambda v: F.max_min(v[None])[0]))(x)
-    for xi, ji in zip(x, jac):
-        assert torch.equal(F.max_min(xi[None])[0], ji @ xi)
-        assert torch.equal(ji.abs().sum(0), torch.ones(4, dtype=torch.float64))  # a permutation
+@pytest.fixture
+def compare_exchange_calls(monkeypatch):
+    """Record the input of every forward of the compare-exchange Function."""
+    calls = []
+    forward = F._CompareExchange.forward
+
+    def spy(grouped, gdim, pairs):
+        calls.append((tuple(grouped.shape), gdim, torch._C._functorch.is_functorch_wrapped_tensor(grouped)))
+        return forward(grouped, gdim, pairs)
+
+    monkeypatch.setattr(F._CompareExchange, "forward", staticmethod(spy))
+    return calls
+
+
+@pytest.mark.parametrize("in_dim", [0, 2])
+def test_max_min_under_vmap_is_the_compare_exchange_on_the_whole_batch(compare_exchange_calls, in_dim):
+    x = _random((6, 4, 3), seed=40)
+    x[1] = 0.0  # exact ties
+    out = torch.func.vmap(lambda v: F.max_min(v, 0), in_dims=in_dim, out_dims=in_dim)(x)
+    loop = torch.stack([F.max_min(v, 0) for v in x.unbind(in_dim)], in_dim)
+    assert torch.equal(out, loop)
+    # The vmap rule moves the batch first and runs the Function once, on plain tensors.
+    per_sample = [n for d, n in enumerate(x.shape) if d != in_dim]
+    batch = (x.shape[in_dim], per_sample[0] // 2, 2, *per_sample[1:])
+    assert compare_exchange_calls[0] == (batch, 2, False)
+    assert len(compare_exchange_calls) == 1 + x.shape[in_dim]  # vmap, then the loop
+
+
+def test_max_min_jacobians_under_transforms_are_the_tie_safe_permutation(compare_exchange_calls):
+    x = torch.tensor([[3.0, 1.0, 2.0, 2.0, 0.0, 0.0], [0.0, 5.0, -1.0, 4.0, 7.0, -7.0], [0.0] * 6], dtype=DT)
+
+    def f(v):
+        return F.max_min(v, 0)
+
+    jac_rev = torch.func.vmap(torch.func.jacrev(f))(x)
+    jac_fwd = torch.func.vmap(torch.func.jacfwd(f))(x)
+    assert len(compare_exchange_calls) == 2 and not any(c[2] for c in compare_exchange_calls)
+    jac_auto = torch.stack([torch.autograd.functional.jacobian(f, v) for v in x])
+    assert torch.equal(jac_rev, jac_auto) and torch.equal(jac_fwd, jac_auto)
+    assert torch.equal(torch.func.jacfwd(f)(x[2]), torch.eye(6, dtype=DT))
+    for v, jac in zip(x, jac_rev):
+        assert set(jac.unique().tolist()) == {0.0, 1.0}
+        assert torch.equal(jac.sum(0), torch.ones(6, dtype=DT)) and torch.equal(jac.sum(1), torch.ones(6, dtype=DT))
+        assert torch.equal(jac @ v, f(v))
+    # At a tie the routing keeps each unit in place; torch.maximum would give halves.
+    assert torch.equal(jac_rev[2], torch.eye(6, dtype=DT))
+    cot = _random((3, 6), seed=41)
+    grads = torch.func.vmap(torch.func.grad(lambda v, c: (f(v) * c).sum()))(x, cot)
+    assert torch.equal(grads, torch.einsum("bi,bij->bj", cot, jac_auto))
+    # Piecewise linear: every second derivative vanishes, in both modes.
+    assert torch.equal(torch.func.jacrev(torch.func.jacrev(f))(x[1]), torch.zeros(6, 6, 6, dtype=DT))
+    assert torch.equal(torch.func.jacfwd(torch.func.jacrev(f))(x[1]), torch.zeros(6, 6, 6, dtype=DT))
+
+
+@pytest.mark.parametrize("network", ["pair", "sort4"])
+def test_compare_exchange_gradcheck_forward_mode_batched_and_double_backward(network):
+    if network == "pair":
+        def op(t):
+            return F.max_min(t, 1)
+    else:
+        def op(t):
+            return F._CompareExchange.apply(t.reshape(3, 2, 4, 5), 2, F.NETWORK_4)[0].reshape(t.shape)
+
+    x = _random((3, 8, 5), seed=42).requires_grad_()
+    assert torch.autograd.gradcheck(
+        op, (x,), check_forward_ad=True, check_batched_grad=True, check_batched_forward_grad=True
+    )
+    assert torch.autograd.gradgradcheck(op, (x,), check_fwd_over_rev=True, check_batched_grad=True)
+
+
+def test_group_sort_4_under_vmap_matches_the_loop():
+    x = _random((4, 8), seed=43)
+    x[0, :4] = 1.0
+    assert torch.equal(torch.func.vmap(lambda v: F.group_sort(v, 4, 0))(x), F.group_sort(x, 4))

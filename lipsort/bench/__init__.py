@@ -23,8 +23,12 @@ machine and its load; only ratios within one run are meant to be compared.
   recomputing the weights at every forward pass.
 * ``mlp``: a training step (Adam) of the paper's 784-1024-1024-1024-10 MaxMin MLP, and of
   A3's FullSort critic extrapolated to its 19,200 steps.
+* ``bcop``: a training step (forward + backward, batch 128) of each BCOP layer of Li et al.'s
+  Small and Large networks against the per-tap construction
+  (:func:`lipsort.conv.reference.bcop_kernel_per_tap`) and a free circular convolution, with
+  the exact max |σ − 1| of each kernel at the layer's input size.
 
-New cases (e.g. orthogonal convolutions) register a runner with :func:`register`.
+New cases register a runner with :func:`register`.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from dataclasses import asdict
 import torch
 
 from ._measure import Config, Row
+from .convolutions import bench_bcop
 from .nets import bench_groupsort, bench_mlp
 from .peers import deel_torchlip, naive_group_sort, reference_bjorck
 from .weights import bench_bjorck, bench_cache, bench_layer, bench_widths
@@ -62,6 +67,7 @@ _RUNNERS: dict[str, Callable] = {
     "groupsort": bench_groupsort,
     "cache": bench_cache,
     "mlp": bench_mlp,
+    "bcop": bench_bcop,
 }
 BENCHMARKS = tuple(_RUNNERS)
 
@@ -69,8 +75,7 @@ BENCHMARKS = tuple(_RUNNERS)
 def register(name: str, runner: Callable[[Config, object, list], list[Row]]) -> None:
     """Add a benchmark: ``runner(cfg, deel, notes)`` returns rows (see ``_measure.measure_case``).
 
-    The hook for cases whose layers live elsewhere, e.g. a BCOP convolution training step
-    against a per-tap construction once ``lipsort.conv`` exists.
+    The hook for cases defined outside this package (the built-in ones are in ``_RUNNERS``).
     """
     global BENCHMARKS
     _RUNNERS[name] = runner

@@ -1,0 +1,117 @@
+"""Benchmark of orthogonal convolutions: a BCOP training step against the per-tap construction."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..conv import BCOP, circular_conv2d, singular_values
+from ..conv.reference import bcop_kernel_per_tap
+from ._measure import Config, Row, measure_case
+from .weights import _train, rel_error
+
+# The BCOP layers of Li et al.'s networks (lipsort.conv.bcop_small / bcop_large on 28×28
+# MNIST): (network, c_in, c_out, k, input size). A strided 4×4/2 convolution is invertible
+# downsampling then a 2×2 BCOP on 4× the channels at half the size.
+LAYERS = (
+    ("Small", 4, 16, 2, 14),
+    ("Small", 64, 32, 2, 7),
+    ("Large", 1, 32, 3, 28),
+    ("Large", 128, 32, 2, 14),
+    ("Large", 32, 64, 3, 14),
+    ("Large", 256, 64, 2, 7),
+)
+TINY_LAYERS = (("tiny", 4, 8, 3, 6), ("tiny", 8, 4, 2, 4))
+
+
+class _PerTap(nn.Module):
+    """A BCOP layer's convolution with its kernel built by the per-tap reference construction."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def kernel(self) -> torch.Tensor:
+        return bcop_kernel_per_tap(self.layer)
+
+    def forward(self, x):
+        return circular_conv2d(x, self.kernel(), self.layer.bias)
+
+
+def _free(model: nn.Module) -> list[torch.Tensor]:
+    """The free parameters of the kernel (bias excluded)."""
+    layer = model.layer if isinstance(model, _PerTap) else model
+    return [layer.ortho_orig, layer.proj_orig] if hasattr(layer, "ortho_orig") else [layer.weight]
+
+
+def _flat(tensors) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _kernel(model: nn.Module) -> torch.Tensor:
+    return model.kernel() if isinstance(model, _PerTap) else model.weight
+
+
+def _bcop_case(cfg: Config, net: str, c_in: int, c_out: int, k: int, size: int) -> list[Row]:
+    batch = 4 if cfg.tiny else 128
+    torch.manual_seed(0)
+    layer = BCOP(c_in, c_out, k, cfg.iters, input_size=size)
+    models = {
+        "lipsort": layer,
+        "per-tap": _PerTap(copy.deepcopy(layer)),
+        "unconstrained": nn.Conv2d(c_in, c_out, k, padding="same", padding_mode="circular"),
+    }
+    models = {name: m.to(cfg.device).train() for name, m in models.items()}
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, c_in, size, size, generator=gen).to(cfg.device)
+    y = torch.randn(batch, c_out, size, size, generator=gen).to(cfg.device)
+    x64, y64 = x.to(torch.float64), y.to(torch.float64)
+
+    def reference_grad(bcop) -> torch.Tensor:
+        """The loss's gradient in the free parameters through the per-tap construction in
+        float64 (same Björck counts), at ``bcop``'s current parameters."""
+        ref = copy.deepcopy(bcop).to(torch.float64)
+        out = circular_conv2d(x64, bcop_kernel_per_tap(ref), ref.bias)
+        return _flat(torch.autograd.grad((out - y64).square().mean(), _free(ref)))
+
+    # A few Adam steps first, so that the parameters leave the orthonormal initialization.
+    for m in models.values():
+        _train(m, x, y, 2 if cfg.tiny else 5)
+    impls = []
+    notes = {
+        "lipsort": "BCOP: batched Björck of H (c_out×c_in) and V (n×r), batched taps",
+        "per-tap": "2(k-1)+1 square n×n Björcks, taps one product at a time",
+        "unconstrained": "circular nn.Conv2d, free kernel",
+    }
+    for name, m in models.items():
+
+        def forward(m=m):
+            m.zero_grad(set_to_none=True)
+            return (m(x) - y).square().mean()
+
+        impls.append((name, forward, lambda loss: loss.backward(), notes[name]))
+
+    def check(name, loss):
+        m = models[name]
+        with torch.no_grad():
+            err = float((singular_values(_kernel(m).detach(), size) - 1).abs().max())
+        if name == "unconstrained":
+            return err, None
+        # The two copies trained apart (by rounding): each is compared at its own parameters.
+        grad = _flat(torch.autograd.grad(loss, _free(m)))
+        return err, rel_error(grad, reference_grad(m.layer if isinstance(m, _PerTap) else m))
+
+    case = f"{net} BCOP {c_in}→{c_out} {k}×{k} @{size}×{size}, batch {batch}, train step"
+    return measure_case("bcop", case, impls, cfg, "max|σ-1|", check)
+
+
+def bench_bcop(cfg: Config, deel, notes: list[str]) -> list[Row]:
+    """Forward + backward of each BCOP layer of Li et al.'s Small and Large networks."""
+    layers = TINY_LAYERS if cfg.tiny else LAYERS
+    notes.append(
+        "bcop: max|σ-1| is exact (every singular value of the circular convolution at the "
+        "layer's input size, by the FFT); grad err against the per-tap construction in float64"
+    )
+    return [row for spec in layers for row in _bcop_case(cfg, *spec)]
