@@ -190,7 +190,7 @@ def pgd(
 
     iterator = range(steps + 1)
     if progress:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm  # text bars: tqdm.auto wants ipywidgets in notebooks
 
         iterator = tqdm(iterator, desc=f"PGD {norm}", leave=False)
     with torch.enable_grad():

@@ -36,6 +36,7 @@ __all__ = [
     "CACHE_ENV_VAR",
     "ENV_VAR",
     "DatasetNotFoundError",
+    "SampleLoader",
     "TensorLoader",
     "cache_root",
     "cifar10",
@@ -439,16 +440,28 @@ class TensorLoader:
     """Mini-batches of in-memory tensors, reshuffled every epoch by a private seeded generator.
 
     Faster than ``DataLoader(TensorDataset(...))`` (one indexing op per batch instead of one
-    per example) and reproducible: the sequence of epochs depends only on ``seed``.
+    per example) and reproducible: the sequence of epochs depends only on ``seed``. With
+    ``batches``, one pass yields exactly that many batches, running through as many reshuffled
+    epochs as it takes and dropping the rest of the last one: a fixed number of optimizer steps
+    as one :func:`lipsort.training.fit` epoch, whatever the data size.
 
     Example:
         >>> batches = TensorLoader((torch.arange(5), torch.arange(5) * 10), batch_size=2, seed=0)
         >>> len(batches), [tuple(b.shape) for b, _ in batches]
         (3, [(2,), (2,), (1,)])
+        >>> steps = TensorLoader(torch.arange(5), batch_size=2, shuffle=False, batches=4)
+        >>> len(steps), [b.tolist() for (b,) in steps]
+        (4, [[0, 1], [2, 3], [4], [0, 1]])
     """
 
     def __init__(
-        self, tensors, batch_size: int, shuffle: bool = True, seed: int = 0, drop_last: bool = False
+        self,
+        tensors,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        batches: int | None = None,
     ):
         tensors = tuple(tensors) if isinstance(tensors, (tuple, list)) else (tensors,)
         if not tensors or not all(isinstance(t, torch.Tensor) for t in tensors):
@@ -461,18 +474,71 @@ class TensorLoader:
         batch_size = check_int(batch_size, "batch_size")
         self.tensors, self.n, self.batch_size = tensors, n, batch_size
         self.shuffle, self.drop_last = shuffle, drop_last
+        self.batches = None if batches is None else check_int(batches, "batches")
+        if self.batches is not None and self._per_epoch() == 0:
+            raise ValueError(
+                f"batches={batches} needs at least one batch per epoch, but {n} samples make "
+                f"no full batch of {batch_size} with drop_last"
+            )
         self._gen = torch.Generator().manual_seed(seed)
 
-    def __len__(self) -> int:
+    def _per_epoch(self) -> int:
         return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
 
-    def __iter__(self):
+    def __len__(self) -> int:
+        return self._per_epoch() if self.batches is None else self.batches
+
+    def _epoch(self):
         order = (
             torch.randperm(self.n, generator=self._gen) if self.shuffle else torch.arange(self.n)
         )
-        for b in range(len(self)):
+        for b in range(self._per_epoch()):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
             yield tuple(t[idx.to(t.device)] for t in self.tensors)
+
+    def __iter__(self):
+        if self.batches is None:
+            yield from self._epoch()
+            return
+        left = self.batches
+        while left:
+            for batch in self._epoch():
+                yield batch
+                left -= 1
+                if not left:
+                    return
+
+
+class SampleLoader:
+    r"""``batches`` fresh batches per pass, each ``sample(generator)`` with a private seeded
+    generator: training on a distribution rather than a fixed data set (new points every
+    step), resumable like :class:`TensorLoader` (the generator is the whole state).
+
+    Example:
+        >>> draw = lambda g: (torch.randn(4, 2, generator=g), torch.zeros(4, dtype=torch.long))
+        >>> steps = SampleLoader(draw, batches=3, seed=0)
+        >>> len(steps), [tuple(x.shape) for x, _ in steps]
+        (3, [(4, 2), (4, 2), (4, 2)])
+        >>> first = next(iter(SampleLoader(draw, 3, seed=0)))[0]
+        >>> bool(torch.equal(first, next(iter(SampleLoader(draw, 3, seed=0)))[0]))  # same seed
+        True
+        >>> bool(torch.equal(first, next(iter(steps))[0]))  # a later pass: new points
+        False
+    """
+
+    def __init__(self, sample, batches: int, seed: int = 0):
+        if not callable(sample):
+            raise TypeError(f"sample must be a callable generator -> batch, got {type(sample).__name__}")
+        self.sample, self.batches = sample, check_int(batches, "batches")
+        self._gen = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __iter__(self):
+        for _ in range(self.batches):
+            batch = self.sample(self._gen)
+            yield batch if isinstance(batch, tuple) else tuple(batch)
 
 
 def loader(

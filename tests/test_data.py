@@ -224,6 +224,50 @@ def test_loader_epochs_are_permutations_and_reproducible():
         data.loader((x, y), batch_size=0)
 
 
+def test_fixed_step_loader_is_consecutive_epochs_cut_at_the_step_count():
+    x = torch.arange(10.0)
+    # 7 batches of 4 over 10 samples: epochs of 3 batches (4, 4, 2), so 2 epochs and 1 batch.
+    fixed = [b for (b,) in data.TensorLoader(x, 4, seed=1, batches=7)]
+    epochs = data.TensorLoader(x, 4, seed=1)
+    expected = [b for _ in range(3) for (b,) in epochs][:7]
+    assert len(fixed) == 7 and all(torch.equal(a, b) for a, b in zip(fixed, expected))
+    # drop_last: full batches only, and the next pass continues the same generator.
+    steps = data.TensorLoader(x, 4, seed=1, drop_last=True, batches=3)
+    assert len(steps) == 3 and [len(b) for (b,) in steps] == [4, 4, 4]
+    with pytest.raises(ValueError, match="batches"):
+        data.TensorLoader(x, 4, batches=0)
+    with pytest.raises(ValueError, match="no full batch of 20"):
+        data.TensorLoader(x, 20, drop_last=True, batches=3)
+
+
+def test_sample_loader_draws_fresh_batches_from_its_own_generator():
+    def draw(g):
+        return torch.rand(3, generator=g), torch.zeros(3, dtype=torch.long)
+
+    a = data.SampleLoader(draw, batches=4, seed=7)
+    first, second = [x for x, _ in a], [x for x, _ in a]
+    assert len(first) == len(a) == 4
+    assert len({tuple(x.tolist()) for x in first + second}) == 8  # every batch new
+    gen = torch.Generator().manual_seed(7)
+    assert all(torch.equal(x, torch.rand(3, generator=gen)) for x in first)
+    torch.manual_seed(0)
+    before = torch.rand(1)
+    torch.manual_seed(0)
+    list(data.SampleLoader(draw, 2, seed=7))
+    assert torch.equal(torch.rand(1), before)  # the global generator is untouched
+    # A checkpoint of the training engine restores it: the next pass repeats exactly.
+    from lipsort.training import checkpoint as ckpt
+
+    state = ckpt.loader_state(a)
+    third = [x for x, _ in a]
+    ckpt.set_loader_state(a, state)
+    assert all(torch.equal(p, q) for p, q in zip(third, [x for x, _ in a]))
+    with pytest.raises(TypeError, match="sample must be a callable"):
+        data.SampleLoader(None, 2)
+    with pytest.raises(ValueError, match="batches"):
+        data.SampleLoader(draw, -1)
+
+
 @needs_data
 def test_concurrent_first_loads_agree(tmp_path, mnist_sets):
     # Two loaders racing on a fresh root: the lock makes one unpack and decode while the

@@ -80,6 +80,70 @@ def test_schedules_follow_their_formula_and_torch(schedule, torch_factory):
     assert lrs["ours"] == pytest.approx(formula, rel=1e-10)
 
 
+def test_cosine_schedule_steps_per_optimizer_step_and_resumes(tmp_path):
+    """Keras' CosineDecay(1e-2, T, alpha): per step, down to alpha·lr at T, constant after."""
+    s = Schedule.cosine(10, alpha=0.01)
+    assert s.per_step and not ANIL_SCHEDULE.per_step
+    assert [s.factor(t) for t in (0, 5, 10, 12)] == pytest.approx([1.0, 0.505, 0.01, 0.01])
+    torch_lrs = []
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1e-2)
+    ref = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 10, eta_min=1e-4)
+    for _ in range(10):
+        torch_lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        ref.step()
+    assert [1e-2 * s.factor(t) for t in range(10)] == pytest.approx(torch_lrs, rel=1e-10)
+
+    # In fit: 6 batches per epoch, so epoch e starts at step 6e and the rate moves every step.
+    def run(epochs, path=None, fail_at=None):
+        net, kwargs = worker.noisy_problem()
+        calls = []
+        jitter = kwargs["input_transform"]
+
+        def transform(model, x, y):
+            calls.append(1)
+            if len(calls) == fail_at:
+                raise KeyboardInterrupt
+            return jitter(model, x, y)
+
+        kwargs = {**kwargs, "schedule": Schedule.cosine(24, 0.1), "input_transform": transform}
+        return fit(net, epochs=epochs, checkpoint=path, **kwargs)
+
+    whole = run(4)
+    lr0 = whole.history["lr"][0]
+    assert whole.history["lr"] == pytest.approx([lr0 * Schedule.cosine(24, 0.1).factor(6 * e) for e in range(4)])
+    path = tmp_path / "cos.pt"
+    with pytest.raises(KeyboardInterrupt):
+        run(4, path, fail_at=15)  # mid-epoch 3
+    resumed = run(4, path)
+    assert resumed.resumed_from == 2
+    assert _same_state(resumed.model.state_dict(), whole.model.state_dict())
+    # Another total is another schedule: the checkpoint is refused, by name.
+    net, kwargs = worker.noisy_problem()
+    with pytest.raises(ckpt.CheckpointError, match="its scheduler"):
+        fit(net, epochs=4, checkpoint=path, **{**kwargs, "schedule": Schedule.cosine(30, 0.1)})
+
+
+def test_metrics_are_kept_in_the_checkpoint_across_a_resume(tmp_path):
+    def norms(model):  # in eval mode (dropout off), without gradients
+        assert not model.training and not torch.is_grad_enabled()
+        return {"w_norm": model[0].weight.norm()}
+
+    net, kwargs = worker.noisy_problem()
+    whole = fit(net, epochs=4, metrics=norms, **kwargs).history["w_norm"]
+    assert len(whole) == 4 and len(set(whole)) == 4  # one value per epoch, and it moves
+    path = tmp_path / "m.pt"
+    net, kwargs = worker.noisy_problem()
+    fit(net, epochs=2, checkpoint=path, metrics=norms, **kwargs)
+    net, kwargs = worker.noisy_problem()
+    resumed = fit(net, epochs=4, checkpoint=path, metrics=norms, **kwargs)
+    assert resumed.resumed_from == 2 and resumed.history["w_norm"] == whole
+    assert torch.load(path, weights_only=True)["history"]["w_norm"] == whole
+    net, kwargs = worker.noisy_problem()
+    with pytest.raises(ValueError, match=r"\['lr'\] are the history's own"):
+        fit(net, epochs=1, metrics=lambda m: {"lr": 1.0}, **kwargs)
+
+
 def test_paper_schedules():
     assert [ANIL_SCHEDULE.factor(e) for e in (59, 60, 99, 100, 149, 150)] == pytest.approx(
         [1, 0.1, 0.1, 0.01, 0.01, 0.001]
@@ -91,7 +155,9 @@ def test_paper_schedules():
         (lambda: Schedule.multistep([100, 60]), "increasing"),
         (lambda: Schedule.step_every(0), "step_size"),
         (lambda: Schedule.exponential(float("nan")), "gamma"),
-        (lambda: Schedule("cosine"), "unknown schedule"),
+        (lambda: Schedule("linear"), "unknown schedule"),
+        (lambda: Schedule.cosine(0), "total must be a positive integer"),
+        (lambda: Schedule.cosine(10, alpha=2.0), "alpha must be a number in"),
     ]:
         with pytest.raises(ValueError, match=match):
             bad()

@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -43,6 +44,7 @@ __all__ = [
     "load_checkpoint",
     "loader_state",
     "new_checkpoint",
+    "run_path",
     "save_atomic",
     "save_json_atomic",
     "set_loader_state",
@@ -58,6 +60,27 @@ _REQUIRED = ("epoch", "model", "optimizer", "scheduler", "history", "rng", "conf
 
 class CheckpointError(RuntimeError):
     """A checkpoint file cannot be used: unreadable, foreign, or from another run."""
+
+
+def run_path(directory: str | os.PathLike | None, name: str, **settings) -> Path | None:
+    """``<directory>/<name>-<key>.pt``, ``key`` a hash of ``settings`` (the run's data, sizes,
+    epochs, seed, ...), so a run changed in any of them writes another checkpoint instead of
+    resuming a foreign one; ``None`` (no checkpoint) when ``directory`` is empty or ``None``.
+
+    Example:
+        >>> a = run_path("/tmp/ck", "b4-mnist-tau4", epochs=20, widths=[1024, 512])
+        >>> a == run_path("/tmp/ck", "b4-mnist-tau4", widths=[1024, 512], epochs=20), a.suffix
+        (True, '.pt')
+        >>> a == run_path("/tmp/ck", "b4-mnist-tau4", epochs=2, widths=[1024, 512])
+        False
+        >>> run_path("", "b4") is None
+        True
+    """
+    if not directory:
+        return None
+    key = json.dumps(settings, sort_keys=True, default=repr)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return Path(directory).expanduser() / f"{name}-{digest}.pt"
 
 
 def _write_atomic(path: Path, write) -> None:

@@ -245,6 +245,7 @@ def fit(
     max_grad_norm: float | None = None,
     device: str | torch.device | None = None,
     on_epoch_end: Callable[[int, dict], object] | None = None,
+    metrics: Callable[[nn.Module], dict] | None = None,
     progress: bool = True,
     desc: str = "train",
 ) -> FitResult:
@@ -254,8 +255,11 @@ def fit(
     ``loss(model(x), y)`` (a batch *mean*), or ``step_loss(model, batch)`` for other
     batches; backward; gradient-norm clipping at ``max_grad_norm`` if given;
     ``optimizer.step()``; ``after_step(model)``. After each epoch: ``schedule`` steps,
-    :func:`evaluate` runs on ``eval_data``, the history grows, the checkpoint is written,
-    then ``on_epoch_end(epoch, history)`` is called (``epoch`` counts completed epochs).
+    :func:`evaluate` runs on ``eval_data``, ``metrics(model)`` (in eval mode, without
+    gradients) adds its ``{name: number}`` to the history, the checkpoint is written, then
+    ``on_epoch_end(epoch, history)`` is called (``epoch`` counts completed epochs). Keep what
+    a run measures per epoch in ``metrics``: it is saved with the checkpoint, so a resumed run
+    still has every epoch's values.
 
     Args:
         model: the network; moved to ``device`` if given.
@@ -267,7 +271,8 @@ def fit(
             targets; re-iterated every epoch (:class:`lipsort.data.TensorLoader`).
         epochs: total epochs wanted (more than a checkpoint holds: it continues).
         eval_data, certify_eps, certify_norm, lipschitz: what :func:`evaluate` gets.
-        schedule: a :class:`Schedule`, or a factory ``optimizer -> torch LR scheduler``
+        schedule: a :class:`Schedule` (stepped once per epoch, or after every optimizer step
+            if :attr:`Schedule.per_step`), or a factory ``optimizer -> torch LR scheduler``
             (stepped once per epoch), or ``None`` (constant).
         checkpoint: file to resume from and write to after every epoch; ``None``: none.
         device: where to train; default: where the model's parameters are (under
@@ -308,6 +313,7 @@ def fit(
     if not isinstance(optimizer, torch.optim.Optimizer):
         optimizer = optimizer(model.parameters())
     scheduler = schedule(optimizer) if schedule is not None else None
+    per_step = bool(getattr(schedule, "per_step", False))
     loaders = [train_data] + ([eval_data] if eval_data is not None else [])
     config = {
         "model": type(model).__qualname__,
@@ -351,7 +357,7 @@ def fit(
         net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     show = progress and rank == 0
     if show:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm  # text bars: tqdm.auto wants ipywidgets in notebooks
 
     for epoch in range(start, epochs):
         t0 = time.perf_counter()
@@ -397,9 +403,11 @@ def fit(
             if after_step is not None:
                 with torch.no_grad():
                     after_step(model)
+            if per_step:
+                scheduler.step()
             sums[0] += n
             sums[1] += value.detach().to(torch.float64) * n
-        if scheduler is not None:
+        if scheduler is not None and not per_step:
             scheduler.step()
         sums = parallel.all_reduce(sums).cpu()
         ev = {}
@@ -417,6 +425,9 @@ def fit(
             ("seconds", time.perf_counter() - t0),
         ):
             history[key].append(value)
+        if metrics is not None:
+            for key, value in _metrics(model, metrics).items():
+                history.setdefault(key, []).append(value)
         if path is not None:
             _save(
                 path, epoch + 1, model, optimizer, scheduler, history, loaders, config, rank, world
@@ -426,6 +437,23 @@ def fit(
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, history)
     return FitResult(model, history, epochs, resumed_from, False, path)
+
+
+def _metrics(model: nn.Module, metrics) -> dict:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            values = metrics(model)
+    finally:
+        model.train(was_training)
+    if not isinstance(values, dict):
+        raise TypeError(f"metrics must return a dict of numbers, got {type(values).__name__}")
+    reserved = set(_new_history([]))
+    clash = sorted(reserved & set(values))
+    if clash:
+        raise ValueError(f"metrics names {clash} are the history's own; choose other names")
+    return {k: float(v) for k, v in values.items()}
 
 
 def _save(path, epoch, model, optimizer, scheduler, history, loaders, config, rank, world) -> None:

@@ -1,8 +1,9 @@
-r"""Learning-rate schedules of the papers, as pure functions of the epoch.
+r"""Learning-rate schedules of the papers, as pure functions of the epoch (or of the step).
 
 A :class:`Schedule` is a frozen description (so a checkpoint can tell whether it was written
 under the same one); calling it on an optimizer builds the torch scheduler that implements
-it, which :func:`lipsort.training.fit` steps once per epoch and saves in its checkpoints.
+it, which :func:`lipsort.training.fit` steps once per epoch (once per optimizer step for the
+per-step kinds, :attr:`Schedule.per_step`) and saves in its checkpoints.
 
 Example:
     >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
@@ -34,11 +35,14 @@ class Schedule:
     * ``constant``: :math:`f(e) = 1`;
     * ``multistep``: :math:`f(e) = \gamma^{\#\{m \in \text{milestones} : m \le e\}}`;
     * ``step``: :math:`f(e) = \gamma^{\lfloor e / n \rfloor}`;
-    * ``exponential``: :math:`f(e) = \gamma^e`.
+    * ``exponential``: :math:`f(e) = \gamma^e`;
+    * ``cosine`` (per *step* ``t``, Keras' ``CosineDecay`` as Béthune et al. use it):
+      :math:`f(t) = \alpha + (1 - \alpha)\,\tfrac12\bigl(1 + \cos(\pi \min(t, T) / T)\bigr)`,
+      from 1 down to ``α`` at step ``T = total`` and constant after.
 
     Calling it on an optimizer returns the torch scheduler that implements it
-    (``MultiStepLR``, ``StepLR``, ``ExponentialLR``), stepped once per epoch by
-    :func:`lipsort.training.fit`.
+    (``MultiStepLR``, ``StepLR``, ``ExponentialLR``, ``LambdaLR``), stepped once per epoch by
+    :func:`lipsort.training.fit`, or once per optimizer step if :attr:`per_step`.
 
     Example:
         >>> s = Schedule.multistep([60, 100, 150], 0.1)  # Anil et al. (2019)
@@ -50,10 +54,17 @@ class Schedule:
     gamma: float = 1.0
     milestones: tuple[int, ...] = ()
     step_size: int = 0
+    total: int = 0
+    alpha: float = 0.0
 
     def __post_init__(self):
-        if self.kind not in ("constant", "multistep", "step", "exponential"):
+        if self.kind not in ("constant", "multistep", "step", "exponential", "cosine"):
             raise ValueError(f"unknown schedule kind {self.kind!r}")
+        if self.kind == "cosine":
+            if isinstance(self.total, bool) or not isinstance(self.total, int) or self.total < 1:
+                raise ValueError(f"total must be a positive integer of steps, got {self.total!r}")
+            if not (isinstance(self.alpha, (int, float)) and 0 <= self.alpha <= 1):
+                raise ValueError(f"alpha must be a number in [0, 1], got {self.alpha!r}")
         if not (
             isinstance(self.gamma, (int, float)) and 0 < self.gamma and math.isfinite(self.gamma)
         ):
@@ -92,8 +103,23 @@ class Schedule:
         """×``gamma`` after every epoch (torch's ``ExponentialLR``)."""
         return cls("exponential", float(gamma))
 
+    @classmethod
+    def cosine(cls, total: int, alpha: float = 0.0) -> Schedule:
+        """Cosine decay over ``total`` optimizer steps down to ``alpha`` times the initial rate
+        (Keras' ``CosineDecay(initial, total, alpha)``); a per-step schedule."""
+        return cls("cosine", total=total, alpha=float(alpha))
+
+    @property
+    def per_step(self) -> bool:
+        """Whether the schedule counts optimizer steps rather than epochs."""
+        return self.kind == "cosine"
+
     def factor(self, epoch: int) -> float:
-        """The multiplier of the initial learning rate during ``epoch`` (0-based)."""
+        """The multiplier of the initial learning rate during ``epoch`` (0-based; the step for
+        a per-step schedule)."""
+        if self.kind == "cosine":
+            t = min(epoch, self.total)
+            return self.alpha + (1 - self.alpha) * 0.5 * (1 + math.cos(math.pi * t / self.total))
         if self.kind == "multistep":
             return self.gamma ** sum(m <= epoch for m in self.milestones)
         if self.kind == "step":
@@ -108,6 +134,8 @@ class Schedule:
             return sched.StepLR(optimizer, self.step_size, self.gamma)
         if self.kind == "exponential":
             return sched.ExponentialLR(optimizer, self.gamma)
+        if self.kind == "cosine":
+            return sched.LambdaLR(optimizer, self.factor)
         return sched.MultiStepLR(optimizer, list(self.milestones), self.gamma)
 
 
@@ -123,10 +151,13 @@ def schedule_id(schedule) -> object:
     if schedule is None:
         return None
     if isinstance(schedule, Schedule):
-        return {
+        desc = {
             "kind": schedule.kind,
             "gamma": schedule.gamma,
             "milestones": list(schedule.milestones),
             "step_size": schedule.step_size,
         }
+        if schedule.kind == "cosine":  # only then, so older checkpoints still match
+            desc.update(total=schedule.total, alpha=schedule.alpha)
+        return desc
     return getattr(schedule, "__qualname__", type(schedule).__qualname__)

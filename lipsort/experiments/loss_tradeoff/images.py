@@ -1,6 +1,8 @@
 r"""Experiments B4–B7 of chapter 07 on MNIST and Fashion-MNIST (the paper's B4–B6 use CIFAR).
 
-* :func:`train`: a small Adam loop with cosine decay (to be replaced by the training engine).
+* Every network trains through :func:`lipsort.training.fit` (:func:`.toys.train`): Adam with
+  the paper's per-step cosine decay to 1 %, and with ``checkpoint_dir`` one checkpoint per
+  network (its name keyed on the run's settings), so an interrupted sweep resumes.
 * :func:`evaluate`: clean accuracy, certified accuracy at ε and mean certifiable robustness.
 * :func:`pareto_sweep` (B4): one network per loss hyper-parameter; :data:`PAPER_CIFAR10_FRONT`
   and :func:`plot_pareto` draw the measured fronts beside the paper's.
@@ -18,9 +20,11 @@ from tqdm import tqdm
 from ...certify import certified_radius, lipschitz_upper_bound
 from ...data import TensorLoader
 from ...models import mlp
-from .toys import lipschitz_net, loss_label, make_loss
+from ...training import Schedule
+from ...training.checkpoint import run_path
+from .toys import lipschitz_net, loss_label, make_loss, train
 
-__all__ = ["PAPER_CIFAR10_FRONT", "load", "train", "evaluate", "pareto_sweep", "plot_pareto",
+__all__ = ["PAPER_CIFAR10_FRONT", "load", "cosine", "evaluate", "pareto_sweep", "plot_pareto",
            "gap_vs_size", "random_labels", "flax_cnn", "max_layer_norms", "weight_norm_growth",
            "plot_norms"]
 
@@ -44,45 +48,16 @@ def load(name: str, n_train: int, n_test: int, seed: int = 0):
     if name not in loaders:
         raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(loaders)}")
     out = []
-    for train, n in ((True, n_train), (False, n_test)):
-        x, y = loaders[name](train=train, download=False)
-        idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed + train))[:n]
+    for is_train, n in ((True, n_train), (False, n_test)):
+        x, y = loaders[name](train=is_train, download=False)
+        idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed + is_train))[:n]
         out += [x[idx].flatten(1), y[idx]]
     return tuple(out)
 
 
-def train(net: nn.Module, loss_fn, x, y, epochs: float = 1, batch_size: int = 128, lr: float = 1e-3,
-          cosine: bool = True, seed: int = 0, desc: str | None = None, trace=None) -> list[float]:
-    """Adam on ``loss_fn(net(x_b), y_b)`` for ``epochs`` passes (fractions allowed), learning rate
-    decayed by a cosine to 1% (the paper's ``CosineDecay(alpha=1e-2)``) when ``cosine``.
-    ``trace(step)``, if given, is called before the first step and after every epoch.
-    Returns the loss of every step."""
-    batches = TensorLoader((x, y), batch_size, seed=seed)
-    steps = max(1, round(epochs * len(batches)))
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)) if cosine else 1.0)
-    losses, done = [], 0
-    net.train()
-    if trace:
-        trace(0)
-    with tqdm(total=steps, desc=desc, leave=False, disable=desc is None) as bar:
-        while done < steps:
-            for xb, yb in batches:
-                loss = loss_fn(net(xb), yb)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                sched.step()
-                losses.append(float(loss.detach()))
-                done += 1
-                bar.update()
-                if trace and done % len(batches) == 0:
-                    trace(done)
-                if done == steps:
-                    break
-    net.eval()
-    return losses
+def cosine(steps: int) -> Schedule:
+    """The paper's ``CosineDecay(alpha=1e-2)``: per step, from the initial rate to 1 % of it."""
+    return Schedule.cosine(steps, alpha=0.01)
 
 
 @torch.no_grad()
@@ -96,7 +71,8 @@ def evaluate(net: nn.Module, x, y, eps: float) -> dict:
 
 
 def pareto_sweep(dataset: str, specs, n_train: int, n_test: int, eps: float, widths=(64, 32),
-                 epochs: float = 2, batch_size: int = 128, lr: float = 1e-3, n_iters: int = 15, seed: int = 0):
+                 epochs: int = 2, batch_size: int = 128, lr: float = 1e-3, n_iters: int = 15, seed: int = 0,
+                 checkpoint_dir: str = ""):
     """B4: one 1-Lipschitz classifier per loss spec; clean and certified accuracy on the test images."""
     import pandas as pd
 
@@ -105,7 +81,10 @@ def pareto_sweep(dataset: str, specs, n_train: int, n_test: int, eps: float, wid
     for spec in tqdm(list(specs), desc=f"B4 {dataset}"):
         torch.manual_seed(seed)
         net = lipschitz_net(x.shape[1], widths, 10, n_iters)
-        train(net, make_loss(spec), x, y, epochs, batch_size, lr, seed=seed)
+        data = TensorLoader((x, y), batch_size, seed=seed)
+        path = run_path(checkpoint_dir, f"b4-{dataset}-{loss_label(spec)}", n_train=n_train, widths=widths,
+                        epochs=epochs, batch_size=batch_size, lr=lr, n_iters=n_iters, seed=seed)
+        train(net, make_loss(spec), data, epochs, lr, cosine(epochs * len(data)), path)
         rows.append({"dataset": dataset, "loss": loss_label(spec), "family": spec[0],
                      "param": float(spec[1]) if len(spec) > 1 else float("nan"),
                      **evaluate(net, xt, yt, eps)})
@@ -141,7 +120,7 @@ def plot_pareto(fronts, eps: float):
 
 
 def gap_vs_size(sizes, n_test: int, spec, widths=(64, 32), steps: int = 200, batch_size: int = 100,
-                lr: float = 1e-3, n_iters: int = 15, seed: int = 0):
+                lr: float = 1e-3, n_iters: int = 15, seed: int = 0, checkpoint_dir: str = ""):
     """B5: train/test accuracy of a 1-Lipschitz and an unconstrained ReLU network (same widths)
     trained for the same number of ``steps`` on MNIST subsets of each size."""
     import pandas as pd
@@ -155,8 +134,10 @@ def gap_vs_size(sizes, n_test: int, spec, widths=(64, 32), steps: int = 200, bat
                 net, loss_fn = lipschitz_net(x.shape[1], widths, 10, n_iters), make_loss(spec)
             else:
                 net, loss_fn = mlp([x.shape[1], *widths, 10], "relu", constraint=None), nn.CrossEntropyLoss()
-            bs = min(batch_size, n)
-            train(net, loss_fn, x[:n], y[:n], epochs=steps / math.ceil(n / bs), batch_size=bs, lr=lr, seed=seed)
+            data = TensorLoader((x[:n], y[:n]), min(batch_size, n), seed=seed, batches=steps)
+            path = run_path(checkpoint_dir, f"b5-{kind}-n{n}", spec=spec, widths=widths, steps=steps,
+                            batch_size=batch_size, lr=lr, n_iters=n_iters, seed=seed)
+            train(net, loss_fn, data, 1, lr, cosine(steps), path)
             with torch.no_grad():
                 tr = float((net(x[:n]).argmax(1) == y[:n]).float().mean())
                 te = float((net(xt).argmax(1) == yt).float().mean())
@@ -165,23 +146,28 @@ def gap_vs_size(sizes, n_test: int, spec, widths=(64, 32), steps: int = 200, bat
 
 
 def random_labels(n: int, widths=(256, 256), spec=("hkr", 256.0, 36 / 255), epochs: int = 100,
-                  batch_size: int = 1000, lr: float = 1e-3, n_iters: int = 15, seed: int = 0):
+                  batch_size: int = 1000, lr: float = 1e-3, n_iters: int = 15, seed: int = 0,
+                  checkpoint_dir: str = ""):
     """B6: a 1-Lipschitz network fitting ``n`` MNIST images with labels drawn uniformly at random
     (the paper: CIFAR-100, 2 × 1024, HKR α = 256, m = 36/255). Returns the train-accuracy history
-    (one value per epoch), the Lipschitz bound and the loss trace."""
+    (before training, then after every epoch), the Lipschitz bound and the per-epoch loss."""
     x, _, _, _ = load("mnist", n, 1, seed)
     y = torch.randint(0, 10, (n,), generator=torch.Generator().manual_seed(612))
     torch.manual_seed(seed)
     net = lipschitz_net(x.shape[1], widths, 10, n_iters)
-    acc = []
 
-    def trace(_step):
-        with torch.no_grad():
-            acc.append(float((net(x).argmax(1) == y).float().mean()))
+    def accuracy(model):
+        return {"train_accuracy": (model(x).argmax(1) == y).float().mean()}
 
-    losses = train(net, make_loss(spec), x, y, epochs, min(batch_size, n), lr, seed=seed,
-                   desc="B6 random labels", trace=trace)
-    return {"accuracy": acc, "lipschitz": float(lipschitz_upper_bound(net)), "losses": losses}
+    with torch.no_grad():
+        start = float(accuracy(net.eval())["train_accuracy"])
+    data = TensorLoader((x, y), min(batch_size, n), seed=seed)
+    path = run_path(checkpoint_dir, "b6-random-labels", n=n, widths=widths, spec=spec, epochs=epochs,
+                    batch_size=batch_size, lr=lr, n_iters=n_iters, seed=seed)
+    history = train(net, make_loss(spec), data, epochs, lr, cosine(epochs * len(data)), path,
+                    metrics=accuracy, desc="B6 random labels").history
+    return {"accuracy": [start, *history["train_accuracy"]], "lipschitz": float(lipschitz_upper_bound(net)),
+            "losses": history["train_loss"]}
 
 
 def flax_cnn() -> nn.Sequential:
@@ -214,28 +200,31 @@ def max_layer_norms(net: nn.Module) -> tuple[float, float]:
 
 
 def weight_norm_growth(n_train: int, epochs: int = 1, batch_size: int = 32, lr: float = 1e-3,
-                       widths=(64, 32), n_iters: int = 15, seed: int = 0):
+                       widths=(64, 32), n_iters: int = 15, seed: int = 0, checkpoint_dir: str = ""):
     """B7: the largest layer norm of the unconstrained CNN under Adam and cross-entropy, epoch by
     epoch, beside a 1-Lipschitz network trained the same way (τ-CE, τ = 1)."""
     import pandas as pd
 
     x, y, _, _ = load("mnist", n_train, 1, seed)
     rows = []
+
+    def norms(model):
+        return dict(zip(("max_frobenius", "max_spectral"), max_layer_norms(model)))
+
     for kind in ("unconstrained CNN", "1-Lipschitz"):
         torch.manual_seed(seed)
         if kind == "1-Lipschitz":
             net, loss_fn = lipschitz_net(x.shape[1], widths, 10, n_iters), make_loss(("tau", 1.0))
         else:
             net, loss_fn = flax_cnn(), nn.CrossEntropyLoss()
-        n_batches = math.ceil(n_train / batch_size)
-
-        def trace(step, net=net, kind=kind):
-            net.eval()
-            fro, spec = max_layer_norms(net)
-            rows.append({"net": kind, "epoch": step / n_batches, "max_frobenius": fro, "max_spectral": spec})
-            net.train()
-
-        train(net, loss_fn, x, y, epochs, batch_size, lr, cosine=False, seed=seed, desc=f"B7 {kind}", trace=trace)
+        start = norms(net.eval())
+        path = run_path(checkpoint_dir, f"b7-{kind.replace(' ', '-')}", n_train=n_train, epochs=epochs,
+                        batch_size=batch_size, lr=lr, widths=widths, n_iters=n_iters, seed=seed)
+        history = train(net, loss_fn, TensorLoader((x, y), batch_size, seed=seed), epochs, lr,
+                        checkpoint=path, metrics=norms, desc=f"B7 {kind}").history
+        rows.append({"net": kind, "epoch": 0, **start})
+        rows += [{"net": kind, "epoch": e, "max_frobenius": f, "max_spectral": s}
+                 for e, f, s in zip(history["epoch"], history["max_frobenius"], history["max_spectral"])]
     return pd.DataFrame(rows)
 
 

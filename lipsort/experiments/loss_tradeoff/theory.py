@@ -148,6 +148,6 @@ def logistic_two_points(steps: int = 10000, lr: float = 1.0):
                 if project:
                     w[0].clamp_(-1.0, 1.0)
             norms.append(float(w.detach().norm()))
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         out[f"norm_{name}"], out[f"loss_{name}"] = np.array(norms), np.array(losses)
     return out

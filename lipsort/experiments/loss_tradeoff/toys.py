@@ -16,11 +16,13 @@ import torch
 from tqdm import tqdm
 
 from ...certify import lipschitz_upper_bound
+from ...data import SampleLoader, TensorLoader
 from ...losses import HKRLoss, KRLoss, TauCrossEntropyLoss
 from ...models import mlp
+from ...training import FitResult, fit
 from .theory import MIXTURES, optimal_1d_loss
 
-__all__ = ["lipschitz_net", "mixture_sample", "temperature_sweep", "plot_temperature",
+__all__ = ["lipschitz_net", "train", "mixture_sample", "temperature_sweep", "plot_temperature",
            "two_moons", "make_loss", "loss_label", "moons_sweep", "plot_moons"]
 
 
@@ -32,6 +34,26 @@ def lipschitz_net(in_dim: int, widths, out_dim: int = 1, n_iters: int = 15):
                constraint="bjorck", n_iters=n_iters)
 
 
+def train(net, loss_fn, data, epochs: int = 1, lr: float = 1e-3, schedule=None, checkpoint=None,
+          metrics=None, desc: str | None = None) -> FitResult:
+    """Adam at ``lr`` on ``loss_fn`` over ``data`` through :func:`lipsort.training.fit` (resumable
+    from ``checkpoint``, per-epoch ``metrics`` kept in its history); the net is left in eval
+    mode. ``desc`` shows a bar over the epochs (the sweeps show their own progress otherwise)."""
+    bar = tqdm(total=epochs, desc=desc, leave=False, disable=desc is None, mininterval=1.0)
+
+    def tick(epoch, _history):
+        bar.update(epoch - bar.n)  # redrawn at most once a second
+
+    try:
+        result = fit(net, lambda p: torch.optim.Adam(p, lr=lr), loss_fn, data, epochs,
+                     schedule=schedule, checkpoint=checkpoint, metrics=metrics, on_epoch_end=tick,
+                     progress=False)
+    finally:
+        bar.close()
+    net.eval()
+    return result
+
+
 def mixture_sample(n: int, label: int, gen: torch.Generator) -> torch.Tensor:
     """``n`` points of class ``label`` of B2, shape ``(n, 1)``."""
     comps = MIXTURES[label]
@@ -41,9 +63,11 @@ def mixture_sample(n: int, label: int, gen: torch.Generator) -> torch.Tensor:
     return (mean + std * torch.randn(n, generator=gen))[:, None]
 
 
-def _bce_tau(net, x, y, tau):
-    """Class-balanced sigmoid BCE on the logit τ·g (the paper's FrobeniusDense(1, k_coef_lip=τ) head)."""
-    return tau * TauCrossEntropyLoss(tau)(net(x), y)
+def _bce_tau(tau):
+    """The loss ``(g, y) ->`` class-balanced sigmoid BCE on the logit τ·g (the paper's
+    FrobeniusDense(1, k_coef_lip=τ) head)."""
+    ce = TauCrossEntropyLoss(tau)
+    return lambda out, y: tau * ce(out, y)
 
 
 def temperature_sweep(taus, steps: int = 300, batch_per_class: int = 100, widths=(256, 128, 64),
@@ -63,22 +87,18 @@ def temperature_sweep(taus, steps: int = 300, batch_per_class: int = 100, widths
     ye = torch.cat([torch.ones(n_eval, dtype=torch.long), torch.zeros(n_eval, dtype=torch.long)])
     grid = torch.linspace(-4, 4, 801)[:, None]
     rows, curves = [], {}
+    yb = torch.cat([torch.ones(batch_per_class, dtype=torch.long),
+                    torch.zeros(batch_per_class, dtype=torch.long)])
+
+    def draw(gen):  # fresh points of both classes every step
+        return torch.cat([mixture_sample(batch_per_class, 1, gen), mixture_sample(batch_per_class, 0, gen)]), yb
+
     for tau in tqdm(list(taus), desc="B2 temperatures"):
         torch.manual_seed(seed)
-        gen = torch.Generator().manual_seed(seed)
         net = lipschitz_net(1, widths, 1, n_iters)
-        opt = torch.optim.Adam(net.parameters(), lr=lr)
-        yb = torch.cat([torch.ones(batch_per_class, dtype=torch.long),
-                        torch.zeros(batch_per_class, dtype=torch.long)])
-        for _ in range(steps):
-            xb = torch.cat([mixture_sample(batch_per_class, 1, gen), mixture_sample(batch_per_class, 0, gen)])
-            loss = _bce_tau(net, xb, yb, tau)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        net.eval()
+        train(net, _bce_tau(tau), SampleLoader(draw, steps, seed=seed), lr=lr)
         with torch.no_grad():
-            final = float(_bce_tau(net, xe, ye, tau))
+            final = float(_bce_tau(tau)(net(xe), ye))
             curves[tau] = (grid[:, 0].numpy(), torch.sigmoid(tau * net(grid))[:, 0].numpy())
         optimum = optimal_1d_loss(tau)[0]
         rows.append({"tau": tau, "final_loss": final, "optimum": optimum, "gap": final - optimum})
@@ -159,8 +179,6 @@ def moons_sweep(specs, n_train: int = 5000, n_test: int = 5000, noise: float = 0
     """
     import pandas as pd
 
-    from ...data import TensorLoader
-
     x, y = two_moons(n_train, noise, seed)
     xt, yt = two_moons(n_test, noise, seed + 1)
     eps = torch.linspace(0, 1.5, 151) if eps_grid is None else torch.as_tensor(eps_grid)
@@ -168,19 +186,7 @@ def moons_sweep(specs, n_train: int = 5000, n_test: int = 5000, noise: float = 0
     for spec in tqdm(list(specs), desc="B3 losses"):
         torch.manual_seed(seed)
         net = lipschitz_net(2, widths, 1, n_iters)
-        loss_fn = make_loss(spec)
-        opt = torch.optim.Adam(net.parameters(), lr=lr)
-        batches, done = TensorLoader((x, y), batch_size, seed=seed), 0
-        while done < steps:
-            for xb, yb in batches:
-                loss = loss_fn(net(xb), yb)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                done += 1
-                if done == steps:
-                    break
-        net.eval()
+        train(net, make_loss(spec), TensorLoader((x, y), batch_size, seed=seed, batches=steps), lr=lr)
         lip = float(lipschitz_upper_bound(net))
         with torch.no_grad():
             s_test = (2.0 * yt - 1) * net(xt)[:, 0] / lip

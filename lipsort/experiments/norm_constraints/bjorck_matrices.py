@@ -120,7 +120,7 @@ def bjorck_traces(
         >>> bool(recs[0]["err"][-1] < 1e-6), bool(recs[0]["norm"].max() <= 1 + 1e-12)
         (True, True)
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # text bars: tqdm.auto wants ipywidgets in notebooks
 
     gen = torch.Generator().manual_seed(seed)
     records = []
