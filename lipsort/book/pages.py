@@ -253,6 +253,32 @@ def _short_commit(prov: dict) -> str:
     return commit[:10] + (" (dirty)" if prov.get("dirty") else "")
 
 
+def _partial_runs(records: dict[str, dict], profile: str) -> list[str]:
+    """The table of runs of ``profile`` with parameter overrides (``book/results/<profile>-partial``)."""
+    if not records:
+        return []
+    lines = [
+        f"Partial runs: the {profile} profile with the parameters shown overridden. Their values "
+        "appear in the ledger marked *partial* and never count as a claim holding.",
+        "",
+        "| Chapter | Duration (s) | Date (UTC) | Torch threads | Commit | Overridden |",
+        "|---|---|---|---|---|---|",
+    ]
+    for slug, record in records.items():
+        prov = record.get("provenance") or {}
+        duration = prov.get("duration_s")
+        cells = (
+            slug,
+            "?" if duration is None else f"{duration:.1f}",
+            prov.get("date", "?"),
+            (prov.get("threads") or {}).get("torch", "?"),
+            _short_commit(prov),
+            _overrides_text(prov.get("partial") or {}),
+        )
+        lines.append("| " + " | ".join(_cell(x) for x in cells) + " |")
+    return lines + [""]
+
+
 def render_status(results: dict[str, dict[str, dict]], estimates: dict | None = None) -> str:
     """The MyST page ``book/status.md``: what ran at each profile, where, with what, how long.
 
@@ -271,6 +297,7 @@ def render_status(results: dict[str, dict[str, dict]], estimates: dict | None = 
     for profile in PROFILES:
         records = results.get(profile, {})
         lines += [f"## {profile.capitalize()} profile", ""]
+        lines += _partial_runs(results.get(profile + PARTIAL_SUFFIX, {}), profile)
         pending = {k: v for k, v in (estimates.get(profile) or {}).items() if k not in records}
         if pending:
             lines += [
