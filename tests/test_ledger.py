@@ -256,7 +256,7 @@ def test_page_marks_partial_runs_and_never_counts_them():
         "01_demo": {"results": {"mean.abs": 0.8}, "provenance": {"partial": {"steps": 60}}}}}
     page = pages.render_reproduction(claims, results)
     assert "*partial* " in page and "steps=60" in page
-    assert "partial at full (holds)" in page
+    assert "· partial ✓" in page
     summary = page.split("## Summary")[1].split("##")[0]
     assert "0 of 1, 1 not run (1 partial)" in summary
     # papers' claims and derived checks are separate tables

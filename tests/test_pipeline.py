@@ -255,7 +255,7 @@ def test_failing_chapter_is_reported_and_others_are_kept(tmp_path, capsys, monke
     injected = [c for c in executed.cells if "injected-parameters" in c.metadata.get("tags", [])]
     assert len(injected) == 1 and "hide-cell" in injected[0].metadata["tags"]
     ledger_page = (tmp_path / "book" / "reproduction.md").read_text()
-    assert "| `T-good` | 42.00 | 42.00 ± 0.50 | 42.00 | — | holds at quick; not run at full |" in ledger_page
+    assert "| `T-good` | 42.00 | 42.00 ± 0.50 | 42.00 | — | ✓ quick · full not run |" in ledger_page
     assert "The answer is 42." in ledger_page.split("<details>")[1]
     assert "| 02_good | ok |" in (tmp_path / "book" / "status.md").read_text()
     assert "book/chapters/01_broken" in (tmp_path / "book" / "_toc.yml").read_text()

@@ -8,6 +8,7 @@ with the committed pages.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from .ledger import PAPERS, PARTIAL_SUFFIX, PROFILES, Claim, format_value, load_claims, must_hold
@@ -66,7 +67,10 @@ def load_results(results_root: str | Path) -> dict[str, dict[str, dict]]:
 
 
 def _cell(text: str) -> str:
-    return " ".join(str(text).split()).replace("|", "\\|")
+    # A minus sign, not a hyphen, in exponents: browsers break lines after a hyphen (8.882e-
+    # / 16), never after U+2212.
+    text = re.sub(r"(?<=\de)-(?=\d)", "\u2212", " ".join(str(text).split()))
+    return text.replace("|", "\\|")
 
 
 def _value(claim: Claim, results: dict, profile: str) -> float | None:
@@ -89,14 +93,14 @@ def _overrides_text(overrides: dict) -> str:
 
 
 def claim_status(claim: Claim, values: dict[str, float | None]) -> str:
-    """Status of ``claim`` at every profile where it must hold.
+    """Status of ``claim`` at every profile where it must hold: ✓ holds, ✗ fails.
 
     Example:
         >>> c = Claim("x", "anil2019", "s", 1.0, "exact", "01_demo", "k", {"min": 0.9}, "quick")
         >>> claim_status(c, {"quick": 0.95, "full": None})
-        'holds at quick; not run at full'
+        '✓ quick · full not run'
         >>> claim_status(c, {"quick": 0.5, "full": 0.99})
-        '**fails** at quick; holds at full'
+        '**✗ quick** · ✓ full'
     """
     parts = []
     for profile in PROFILES:
@@ -104,10 +108,10 @@ def claim_status(claim: Claim, values: dict[str, float | None]) -> str:
             continue
         value = values.get(profile)
         if value is None:
-            parts.append(f"not run at {profile}")
+            parts.append(f"{profile} not run")
         else:
-            parts.append(f"{'holds' if claim.holds(value) else '**fails**'} at {profile}")
-    return "; ".join(parts)
+            parts.append(f"✓ {profile}" if claim.holds(value) else f"**✗ {profile}**")
+    return " · ".join(parts)
 
 
 def _published(claim: Claim) -> str:
@@ -138,7 +142,7 @@ def _expected(claim: Claim) -> str:
 def _row_status(claim: Claim, values: dict, partial: tuple | None) -> str:
     status = claim_status(claim, values)
     if partial is not None and values.get("full") is None:
-        status += f"; partial at full ({'holds' if claim.holds(partial[0]) else 'fails'})"
+        status += f" · partial {'✓' if claim.holds(partial[0]) else '✗'}"
     return status
 
 
@@ -168,6 +172,11 @@ def render_reproduction(claims: list[Claim], results: dict[str, dict[str, dict]]
     and never counts as the claim holding.
     """
     lines = [
+        # No right-hand "Contents" column on this page: its tables get the width of the screen.
+        "---",
+        "html_theme.sidebar_secondary.remove: true",
+        "---",
+        "",
         "# Reproduction ledger",
         "",
         _GENERATED.format(sources="`book/claims.yml` and `book/results/`"),
@@ -178,7 +187,7 @@ def render_reproduction(claims: list[Claim], results: dict[str, dict[str, dict]]
         "†) only at the full one. Sources: *paper* (a number the paper published), *exact* (an "
         "analytic truth the paper states or uses), *qualitative* (a claim of the paper without a "
         "number), *derived* (a result this book proves or computes; checks of the book, listed "
-        "apart).",
+        "apart). Status: ✓ holds, ✗ fails, at each profile that must hold the claim.",
         "",
     ]
     if not claims:
@@ -244,6 +253,32 @@ def _short_commit(prov: dict) -> str:
     return commit[:10] + (" (dirty)" if prov.get("dirty") else "")
 
 
+def _partial_runs(records: dict[str, dict], profile: str) -> list[str]:
+    """The table of runs of ``profile`` with parameter overrides (``book/results/<profile>-partial``)."""
+    if not records:
+        return []
+    lines = [
+        f"Partial runs: the {profile} profile with the parameters shown overridden. Their values "
+        "appear in the ledger marked *partial* and never count as a claim holding.",
+        "",
+        "| Chapter | Duration (s) | Date (UTC) | Torch threads | Commit | Overridden |",
+        "|---|---|---|---|---|---|",
+    ]
+    for slug, record in records.items():
+        prov = record.get("provenance") or {}
+        duration = prov.get("duration_s")
+        cells = (
+            slug,
+            "?" if duration is None else f"{duration:.1f}",
+            prov.get("date", "?"),
+            (prov.get("threads") or {}).get("torch", "?"),
+            _short_commit(prov),
+            _overrides_text(prov.get("partial") or {}),
+        )
+        lines.append("| " + " | ".join(_cell(x) for x in cells) + " |")
+    return lines + [""]
+
+
 def render_status(results: dict[str, dict[str, dict]], estimates: dict | None = None) -> str:
     """The MyST page ``book/status.md``: what ran at each profile, where, with what, how long.
 
@@ -262,6 +297,7 @@ def render_status(results: dict[str, dict[str, dict]], estimates: dict | None = 
     for profile in PROFILES:
         records = results.get(profile, {})
         lines += [f"## {profile.capitalize()} profile", ""]
+        lines += _partial_runs(results.get(profile + PARTIAL_SUFFIX, {}), profile)
         pending = {k: v for k, v in (estimates.get(profile) or {}).items() if k not in records}
         if pending:
             lines += [
