@@ -151,6 +151,13 @@ def test_ledger_tables_fit_a_screen(html):
         widest = max(len(tr.find_all(["th", "td"], recursive=False)) for tr in table.find_all("tr"))
         head = [th.get_text(strip=True) for th in table.select("thead th")]
         assert widest <= MAX_LEDGER_COLUMNS, f"a ledger table has {widest} columns: {head}"
+    # The generated pages drop the right-hand column and take the stylesheet that widens them.
+    for page in ("reproduction.html", "status.html"):
+        text = (html / "book" / page).read_text(encoding="utf-8")
+        assert "bd-sidebar-secondary" not in text, f"{page} still has the right-hand column"
+        assert "_static/lipsort.css" in text, f"{page} does not load lipsort.css"
+    css = (html / "_static" / "lipsort.css").read_text(encoding="utf-8")
+    assert "#reproduction-ledger" in css and "#run-status" in css
 
 
 @needs_goldens

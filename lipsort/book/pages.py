@@ -287,6 +287,10 @@ def render_status(results: dict[str, dict[str, dict]], estimates: dict | None = 
     """
     estimates = estimates or {}
     lines = [
+        "---",
+        "html_theme.sidebar_secondary.remove: true",
+        "---",
+        "",
         "# Run status",
         "",
         _GENERATED.format(sources="the provenance recorded in `book/results/`"),
