@@ -506,3 +506,35 @@ def test_deepcopy_and_odd_channel_counts():
     clone = copy.deepcopy(layer)
     assert torch.equal(clone(x), y)
     assert clone.weight is not layer.weight
+
+
+@pytest.mark.parametrize("conv_cls", [BCOP, RKO, OSSN])
+def test_frozen_network_keeps_its_exact_certificate(conv_cls):
+    torch.manual_seed(11)
+    net = small_net(conv_cls, dtype=torch.float64)
+    x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    net(x)  # records each convolution's input size
+    net.eval()
+    plain = frozen(net)
+    for norm in ("l2", "linf"):
+        assert float(lipschitz_upper_bound(plain, norm)) == pytest.approx(
+            float(lipschitz_upper_bound(net, norm)), rel=1e-12
+        )
+    # Teeth: the bound is the exact norm at the recorded size, not a constant.
+    conv = next(m for m in plain.modules() if type(m) is nn.Conv2d)
+    with torch.no_grad():
+        conv.weight.mul_(3.0)
+    assert float(lipschitz_upper_bound(plain)) == pytest.approx(3 * float(lipschitz_upper_bound(net)))
+
+
+def test_plain_conv2d_bound_names_what_it_supports():
+    zero_padded = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1))
+    with pytest.raises(TypeError, match="stride-1 circular convolutions only"):
+        lipschitz_upper_bound(zero_padded)
+    circular = nn.Conv2d(2, 2, 3, padding="same", padding_mode="circular")
+    with pytest.raises(ValueError, match=r"set conv.input_size = \(H, W\)"):
+        lipschitz_upper_bound(circular)
+    circular.input_size = (6, 6)
+    assert float(lipschitz_upper_bound(circular)) == pytest.approx(
+        float(singular_values(circular.weight, (6, 6))[0])
+    )

@@ -227,7 +227,9 @@ class CircularConv2d(nn.Module):
 
     def to_conv2d(self) -> nn.Conv2d:
         """An ``nn.Conv2d`` (``padding="same"``, ``padding_mode="circular"``) holding the
-        eval-mode kernel and bias: its outputs are identical to this layer's in eval mode."""
+        eval-mode kernel and bias: its outputs are identical to this layer's in eval mode. It
+        keeps this layer's ``input_size`` as an attribute, so that
+        :func:`lipsort.certify.lipschitz_upper_bound` still gives the exact constant."""
         w = self._eval_weight().detach()
         conv = nn.Conv2d(
             self.in_channels,
@@ -243,6 +245,7 @@ class CircularConv2d(nn.Module):
             conv.weight.copy_(w)
             if self.bias is not None:
                 conv.bias.copy_(self.bias)
+        conv.input_size = self.input_size  # the spectrum of a circular convolution depends on it
         return conv.train(self.training)
 
     def extra_repr(self) -> str:

@@ -16,9 +16,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..certify import register_lipschitz_bound
 from ._base import CircularConv2d, _input_size
 
-__all__ = ["circular_conv_bound", "component_invariants", "singular_values"]
+__all__ = ["circular_conv_bound", "component_invariants", "plain_conv_bound", "singular_values"]
 
 
 def _kernel_of(layer_or_kernel) -> tuple[Tensor, tuple[int, int] | None]:
@@ -51,7 +52,8 @@ def _kernel_of(layer_or_kernel) -> tuple[Tensor, tuple[int, int] | None]:
                 "(padding='same' or k//2 for odd k, padding_mode='circular', dilation 1, "
                 f"groups 1), got {conv}"
             )
-        return conv.weight.detach(), None
+        size = getattr(conv, "input_size", None)  # recorded by CircularConv2d.to_conv2d
+        return conv.weight.detach(), None if size is None else _input_size(size)
     raise TypeError(
         "singular_values takes a kernel tensor (c_out, c_in, kh, kw), a layer of lipsort.conv "
         f"or a circular nn.Conv2d, got {type(layer_or_kernel).__name__}"
@@ -192,3 +194,48 @@ def circular_conv_bound(module: CircularConv2d, norm: str) -> Tensor:
             "is not known yet: run the model on an input first, or pass input_size= to the layer"
         )
     return singular_values(w, module.input_size)[0]
+
+
+def plain_conv_bound(module: nn.Conv2d, norm: str) -> Tensor:
+    r"""Exact Lipschitz constant of a stride-1 circular ``nn.Conv2d``, for :mod:`lipsort.certify`.
+
+    The layers :func:`lipsort.parametrizations.frozen` exports from this package are such
+    convolutions, and carry the ``input_size`` of the layer they come from; on another
+    ``nn.Conv2d`` set ``conv.input_size = (H, W)``. As :func:`circular_conv_bound`: the largest
+    singular value on ``H×W`` inputs (``"l2"``), the largest ℓ1 norm of an operator row
+    (``"linf"``).
+
+    Raises:
+        TypeError: a convolution that is not stride-1 circular (zero padding, strides, groups,
+            dilation): its constant is not computed here.
+        ValueError: ``"l2"`` without a recorded ``input_size``.
+
+    Example:
+        >>> conv = nn.Conv2d(2, 2, 3, padding="same", padding_mode="circular", bias=False)
+        >>> with torch.no_grad():
+        ...     _ = conv.weight.zero_()
+        ...     conv.weight[0, 1, 1, 1], conv.weight[1, 0, 1, 1] = 1.0, -1.0  # swap and negate
+        >>> conv.input_size = (5, 5)
+        >>> round(float(plain_conv_bound(conv, "l2")), 12)  # an orthogonal map
+        1.0
+    """
+    try:
+        kernel, size = _kernel_of(module)
+    except ValueError as err:
+        raise TypeError(
+            f"cannot bound the Lipschitz constant of {module}: lipsort computes it for stride-1 "
+            "circular convolutions only (padding='same', padding_mode='circular', as "
+            "lipsort.parametrizations.frozen exports them)"
+        ) from err
+    w = kernel.to(torch.float64)
+    if norm == "linf":
+        return w.abs().sum(dim=(1, 2, 3)).amax()
+    if size is None:
+        raise ValueError(
+            f"the ℓ2 constant of {module} depends on its input size: set conv.input_size = (H, W) "
+            "(layers exported by lipsort.parametrizations.frozen carry it)"
+        )
+    return singular_values(w, size)[0]
+
+
+register_lipschitz_bound(nn.Conv2d, plain_conv_bound)
