@@ -165,6 +165,16 @@ def test_partial_runs_report_claims_without_checking_them(tmp_path, capsys):
     assert record["claims"]["T1-demo"] == "reported (partial run)"
 
 
+def test_a_partial_run_may_leave_experiments_out_but_a_full_one_may_not(tmp_path, capsys):
+    path = make_root(tmp_path, [GOOD, {**GOOD, "id": "T2-other", "key": "other.key"}])
+    finish("01_demo", {"mean.abs": 1.0}, profile="full", results_dir=tmp_path / "full-partial", claims_file=path)
+    record = json.loads((tmp_path / "full-partial" / "01_demo.json").read_text())
+    assert record["claims"] == {"T1-demo": "reported (partial run)", "T2-other": "not in this partial run"}
+    assert "not in this partial run" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"lack key\(s\) 'other.key' \(claim T2-other\)"):
+        finish("01_demo", {"mean.abs": 1.0}, profile="full", results_dir=tmp_path / "full", claims_file=path)
+
+
 def test_full_claims_are_only_reported_at_quick(tmp_path, capsys):
     path = make_root(tmp_path, [{**GOOD, "profile": "full"}])
     finish("01_demo", {"mean.abs": 0.9}, profile="quick", claims_file=path)

@@ -317,3 +317,39 @@ def test_git_state_records_dirty_trees_but_not_generated_files(tmp_path):
     assert provenance.git_state(tmp_path)["dirty"] is False
     (tmp_path / "a.py").write_text("x = 2\n")
     assert provenance.git_state(tmp_path)["dirty"] is True
+
+
+def test_a_rerun_that_reproduces_a_clean_record_leaves_it_untouched(tmp_path, capsys, monkeypatch):
+    import subprocess
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True, text=True)
+
+    make_project(tmp_path)
+    write_chapter(tmp_path, "01_a", "import lipsort.book\nresults = {'n': float(n)}")
+    git("init", "-q")
+    git("config", "user.email", "t@example.org")
+    git("config", "user.name", "t")
+    git("add", "-A")
+    git("commit", "-q", "-m", "chapter")
+    monkeypatch.delenv(ledger.CLAIMS_ENV, raising=False)
+    assert reproduce.main(["--root", str(tmp_path), "01_a"]) == 0
+    target = tmp_path / "book" / "results" / "quick" / "01_a.json"
+    first = target.read_bytes()
+    assert json.loads(first)["provenance"]["dirty"] is False
+    git("add", "-A")
+    git("commit", "-q", "-m", "results")
+    capsys.readouterr()
+    assert reproduce.main(["--root", str(tmp_path), "01_a"]) == 0
+    assert "unchanged" in capsys.readouterr().out
+    assert target.read_bytes() == first  # same numbers: the committed record stays
+    assert git("status", "--porcelain", "book/results").stdout == ""
+
+    # Another number, another setting or a dirty record is written anew.
+    old = json.loads(first)
+    assert reproduce._reproduces(json.loads(first), old)
+    assert not reproduce._reproduces({**old, "results": {"n": 4.0}}, old)
+    other = {**old, "provenance": {**old["provenance"], "threads": {"torch": 99}}}
+    assert not reproduce._reproduces(other, old)
+    dirty = {**old, "provenance": {**old["provenance"], "dirty": True}}
+    assert not reproduce._reproduces(old, dirty) and not reproduce._reproduces(dirty, old)

@@ -172,15 +172,16 @@ def finish(
         results_dir: if non-empty, ``<results_dir>/<slug>.json`` is written (before the check,
             so that failing values are recorded too). A folder named ``<profile>-partial`` (the
             runner's choice for a run with ``-p`` overrides) marks a partial run: its claims
-            are reported, never checked, since fewer steps or seeds need not meet them.
+            are reported, never checked, since fewer steps or seeds need not meet them, and
+            it may leave experiments out (their claims show as not in this partial run).
         claims_file: ledger to use instead of :func:`~.ledger.claims_path`.
 
     Returns nothing, so that the last cell of a chapter shows only the displayed
     :class:`KeyNumbers` (printed outside IPython, as in the example).
 
     Raises:
-        TypeError, ValueError: malformed results, a bad slug or profile, or a claim whose key
-            is missing from ``results``.
+        TypeError, ValueError: malformed results, a bad slug or profile, or (except in a
+            partial run) a claim whose key is missing from ``results``.
         AssertionError: listing every claim that must hold at ``profile`` and does not.
 
     Example:
@@ -210,8 +211,9 @@ def finish(
         raise ValueError(f"profile must be one of {PROFILES}, got {profile!r}")
     results = validate_results(results, slug)
     claims: list[Claim] = claims_for(load_claims(claims_file), slug)
+    partial = bool(results_dir) and Path(results_dir).name.endswith(PARTIAL_SUFFIX)
     missing = [c for c in claims if c.key not in results]
-    if missing:
+    if missing and not partial:
         detail = ", ".join(f"{c.key!r} (claim {c.id})" for c in missing)
         raise ValueError(
             f"chapter {slug}: the results lack key(s) {detail} required by book/claims.yml; "
@@ -224,9 +226,12 @@ def finish(
         decimals[c.key] = max(decimals.get(c.key, 0), c.decimals)
     rows = tuple((k, format_value(v, decimals.get(k))) for k, v in results.items())
 
-    partial = bool(results_dir) and Path(results_dir).name.endswith(PARTIAL_SUFFIX)
     failed, statuses, crow = [], {}, []
     for c in claims:
+        if c.key not in results:  # a partial run may leave experiments out
+            statuses[c.id] = "not in this partial run"
+            crow.append((c.id, c.key, "—", c.expectation(), "not in this partial run"))
+            continue
         value = results[c.key]
         if partial:
             status = "reported (partial run)"

@@ -27,6 +27,11 @@ never over the clean results of the profile, with ``provenance.partial`` = the o
 differ from the profile (and ``provenance.profile_values`` = what the profile sets), and the
 ledger page shows them as partial, never as the claim holding.
 
+A rerun that reproduces a recorded file exactly (the same results and, in its provenance, the
+same parameters, software, threads and device, from a clean tree) leaves that file as it is:
+its provenance keeps naming the run that first produced the numbers, and building the book
+on a clean checkout leaves the checkout clean when no number changed.
+
 A failing chapter does not stop the others; the runner exits with status 1 and prints the
 failing cell's error and the path of the partially executed notebook.
 """
@@ -83,7 +88,7 @@ class Outcome:
     duration_s: float
     notebook: Path
     error: str = ""
-    results_written: bool = False
+    results_written: bool | str = False  # True, False or "unchanged" (reproduced exactly)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -245,6 +250,30 @@ def _execute(job: Job, cwd: Path) -> None:
     )
 
 
+def _read_record(path: Path) -> tuple[dict, str] | None:
+    """A results file as ``(record, text)``, or ``None`` if it is missing or unreadable."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        return json.loads(text), text
+    except (OSError, ValueError):
+        return None
+
+
+#: Provenance entries that must agree for a rerun to count as the recorded run reproduced.
+_SAME_RUN = ("profile", "status", "parameters", "versions", "threads", "device", "seed", "partial")
+
+
+def _reproduces(new: dict, old: dict) -> bool:
+    """Whether ``new`` gives exactly ``old``'s results in the same setting, ``old`` from a
+    clean tree (a record from a dirty tree is always replaced)."""
+    p_new, p_old = new.get("provenance") or {}, old.get("provenance") or {}
+    if p_old.get("dirty") is not False or p_new.get("dirty") is not False:
+        return False
+    return new.get("results") == old.get("results") and all(
+        p_new.get(k) == p_old.get(k) for k in _SAME_RUN
+    )
+
+
 def _mtime(path: Path) -> int | None:
     try:
         return path.stat().st_mtime_ns
@@ -292,6 +321,7 @@ def _run(jobs: list[Job], root: Path, profile: str, device: str, record: bool) -
         bar.set_postfix_str(job.slug)
         target = (job.results_dir or root / "book" / "results" / profile) / f"{job.slug}.json"
         before = _mtime(target)
+        previous = _read_record(target)
         start_date, start = prov.now(), time.perf_counter()
         status, error = "ok", ""
         try:
@@ -327,8 +357,13 @@ def _run(jobs: list[Job], root: Path, profile: str, device: str, record: bool) -
                 provenance["profile_values"] = {k: profile_values.get(k) for k in job.partial}
             if error:
                 provenance["error"] = error
-            write_json(target, {"results": fresh["results"], "provenance": provenance})
-            outcome.results_written = True
+            new = {"results": fresh["results"], "provenance": provenance}
+            if previous is not None and _reproduces(new, previous[0]):
+                target.write_text(previous[1], encoding="utf-8")  # byte for byte as committed
+                outcome.results_written = "unchanged"
+            else:
+                write_json(target, new)
+                outcome.results_written = True
         outcomes.append(outcome)
         if status != "ok":
             bar.write(f"{job.slug}: {status}: {error}\n  notebook: {job.output}")
@@ -341,7 +376,8 @@ def _run(jobs: list[Job], root: Path, profile: str, device: str, record: bool) -
 def _summary(outcomes: list[Outcome]) -> str:
     rows = [("chapter", "status", "duration (s)", "results")]
     rows += [
-        (o.slug, o.status, f"{o.duration_s:.1f}", "written" if o.results_written else "-") for o in outcomes
+        (o.slug, o.status, f"{o.duration_s:.1f}", {True: "written", "unchanged": "unchanged"}.get(o.results_written, "-"))
+        for o in outcomes
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
