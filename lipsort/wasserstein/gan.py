@@ -16,7 +16,8 @@ with ``n_critic`` critic steps per generator step (Arjovsky et al., 2017). Image
   the infoGAN generator the authors use.
 * :func:`lipschitz_critic`: ``Flatten`` then :func:`lipsort.models.mlp` with Björck weights.
 * :func:`train_wgan`: the training loop (Adam, the authors' learning rates); returns a
-  :class:`GanHistory`. It has no checkpoint or resume: a run is repeated from its seed.
+  :class:`GanHistory`; with ``checkpoint``, it writes its state atomically and resumes an
+  interrupted run to the same weights.
 * :func:`generate`: samples of a trained generator, in eval mode.
 
 Example:
