@@ -156,7 +156,7 @@ def test_paper_schedules():
         (lambda: Schedule.step_every(0), "step_size"),
         (lambda: Schedule.exponential(float("nan")), "gamma"),
         (lambda: Schedule("linear"), "unknown schedule"),
-        (lambda: Schedule.cosine(0), "total must be a positive integer"),
+        (lambda: Schedule.cosine(0), r"total \(optimizer steps\) must be a positive integer"),
         (lambda: Schedule.cosine(10, alpha=2.0), "alpha must be a number in"),
     ]:
         with pytest.raises(ValueError, match=match):

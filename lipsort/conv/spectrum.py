@@ -184,16 +184,21 @@ def circular_conv_bound(module: CircularConv2d, norm: str) -> Tensor:
     row of the operator, :math:`\max_o \sum_{i,a,b} |W_{oiab}|`, exact for inputs at least as
     large as the kernel and an upper bound otherwise (taps that wrap around share an entry).
     """
-    with torch.no_grad():
-        w = module.weight.detach().to(torch.float64)
-    if norm == "linf":
-        return w.abs().sum(dim=(1, 2, 3)).amax()
-    if module.input_size is None:
+    if module.input_size is None and norm != "linf":
         raise ValueError(
             f"the ℓ2 constant of this {type(module).__name__} depends on its input size, which "
             "is not known yet: run the model on an input first, or pass input_size= to the layer"
         )
-    return singular_values(w, module.input_size)[0]
+    with torch.no_grad():
+        return _kernel_bound(module.weight.detach(), module.input_size, norm)
+
+
+def _kernel_bound(kernel: Tensor, size, norm: str) -> Tensor:
+    """The exact ℓ2 (at ``size``) or ℓ∞ constant of a circular convolution with ``kernel``."""
+    w = kernel.to(torch.float64)
+    if norm == "linf":
+        return w.abs().sum(dim=(1, 2, 3)).amax()
+    return singular_values(w, size)[0]
 
 
 def plain_conv_bound(module: nn.Conv2d, norm: str) -> Tensor:
@@ -227,15 +232,12 @@ def plain_conv_bound(module: nn.Conv2d, norm: str) -> Tensor:
             "circular convolutions only (padding='same', padding_mode='circular', as "
             "lipsort.parametrizations.frozen exports them)"
         ) from err
-    w = kernel.to(torch.float64)
-    if norm == "linf":
-        return w.abs().sum(dim=(1, 2, 3)).amax()
-    if size is None:
+    if size is None and norm != "linf":
         raise ValueError(
             f"the ℓ2 constant of {module} depends on its input size: set conv.input_size = (H, W) "
             "(layers exported by lipsort.parametrizations.frozen carry it)"
         )
-    return singular_values(w, size)[0]
+    return _kernel_bound(kernel, size, norm)
 
 
 register_lipschitz_bound(nn.Conv2d, plain_conv_bound)

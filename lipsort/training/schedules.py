@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .._checks import check_int
+
 __all__ = ["ANIL_SCHEDULE", "BCOP_SCHEDULE", "Schedule", "schedule_id"]
 
 
@@ -61,8 +63,7 @@ class Schedule:
         if self.kind not in ("constant", "multistep", "step", "exponential", "cosine"):
             raise ValueError(f"unknown schedule kind {self.kind!r}")
         if self.kind == "cosine":
-            if isinstance(self.total, bool) or not isinstance(self.total, int) or self.total < 1:
-                raise ValueError(f"total must be a positive integer of steps, got {self.total!r}")
+            object.__setattr__(self, "total", check_int(self.total, "total (optimizer steps)"))
             if not (isinstance(self.alpha, (int, float)) and 0 <= self.alpha <= 1):
                 raise ValueError(f"alpha must be a number in [0, 1], got {self.alpha!r}")
         if not (
