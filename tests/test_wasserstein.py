@@ -217,3 +217,61 @@ def test_fit_critic_traces_the_weights_used_in_training():
     assert float(r.weight_trace["bjorck"].max()) < 1e-4  # the default iterations reach the manifold
     assert r.grad_norms.shape == (5,) and float(r.grad_norms.max()) <= 1 + 1e-9
     assert set(r.grad_stats) == {"mean", "median", "min", "max", "frac_unit"}
+
+
+def test_interrupted_critic_training_resumes_to_the_same_weights(tmp_path):
+    from lipsort.training import checkpoint as ckpt
+    from lipsort.wasserstein import three_cones, train_critic
+
+    problem = three_cones()
+    kw = dict(steps=12, batch_size=8, lr=0.01, milestones=(4, 8), gamma=0.5, eval_every=3, progress=False)
+
+    def fresh():
+        torch.manual_seed(0)
+        return mlp([2, 16, 16, 1], activation="maxmin", constraint="bjorck", n_iters=5)
+
+    f = fresh()
+    straight = train_critic(f, problem, **kw)
+    calls = []
+
+    def interrupt_at_step_6(critic):  # the second evaluation (step 6) is a Ctrl-C
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return 0.0
+
+    path = tmp_path / "critic.pt"
+    with pytest.raises(KeyboardInterrupt):
+        train_critic(fresh(), problem, **{**kw, "evaluate": interrupt_at_step_6}, checkpoint=path, checkpoint_every=4)
+    assert ckpt.load_checkpoint(path)["epoch"] == 4  # the last checkpoint before the interruption
+    f2 = fresh()  # a new process starts from a fresh network: the checkpoint restores everything
+    resumed = train_critic(f2, problem, **kw, checkpoint=path)
+    assert resumed.train == straight.train
+    assert resumed.eval[1:] == straight.eval[1:]  # the first evaluation ran in the interrupted run
+    for a, b in zip(f.state_dict().values(), f2.state_dict().values()):
+        assert torch.equal(a, b)
+    again = train_critic(fresh(), problem, **kw, checkpoint=path)  # finished: nothing is retrained
+    assert again.train == resumed.train
+    with pytest.raises(ckpt.CheckpointError, match="another critic run"):
+        train_critic(fresh(), problem, **{**kw, "lr": 0.02}, checkpoint=path)
+    with pytest.raises(ckpt.CheckpointError, match="more than the 6"):
+        train_critic(fresh(), problem, **{**kw, "steps": 6}, checkpoint=path)
+    path.write_bytes(path.read_bytes()[:50])
+    with pytest.raises(ckpt.CheckpointError, match=str(path)):
+        train_critic(fresh(), problem, **kw, checkpoint=path)
+
+
+def test_a_critic_grid_resumes_from_its_checkpoints_and_a_longer_run_continues_a_shorter_one(tmp_path):
+    from lipsort.experiments import wasserstein_estimates as xw
+    from lipsort.wasserstein import three_cones
+
+    kw = dict(activations=["maxmin"], constraints=["bjorck"], n_eval=64, n_grad=64, batch_size=8, lr=0.01,
+              eval_every=3, bjorck_iters=5, progress=False)
+    straight = xw.run_grid(three_cones(), [8], steps=12, **kw)[0]
+    xw.run_grid(three_cones(), [8], steps=6, checkpoint_dir=tmp_path, name="a2", **kw)
+    (path,) = tmp_path.glob("a2-maxmin-bjorck-*.pt")
+    continued = xw.run_grid(three_cones(), [8], steps=12, checkpoint_dir=tmp_path, name="a2", **kw)[0]
+    assert continued.history.train == straight.history.train
+    assert continued.estimate == straight.estimate
+    xw.run_grid(three_cones(), [16], steps=6, checkpoint_dir=tmp_path, name="a2", **kw)  # other widths: another file
+    assert len(list(tmp_path.glob("a2-maxmin-bjorck-*.pt"))) == 2 and path.is_file()

@@ -47,6 +47,8 @@ def run_grid(
     n_grad: int = 2048,
     seed: int = 0,
     threads: int | None = 1,
+    checkpoint_dir: str | None = None,
+    name: str = "critic",
     **fit_kwargs,
 ) -> list[CriticResult]:
     r"""One critic ``problem.dim → widths → 1`` per (constraint, activation), all from the same seed.
@@ -57,7 +59,16 @@ def run_grid(
     ``n_grad`` points drawn uniformly on the transport segments :math:`x_q + t(x_p - x_q)`,
     where an optimal critic has slope 1. An empirical problem is evaluated exactly on its
     atoms. ``fit_kwargs`` go to :func:`lipsort.wasserstein.fit_critic` (steps, lr, ...).
+
+    With ``checkpoint_dir``, every critic trains with a checkpoint
+    ``<checkpoint_dir>/<name>-<activation>-<constraint>-<hash>.pt`` (the hash covers the
+    problem's dimension, the widths and every setting but the step count, so a longer run
+    continues a shorter one): an interrupted grid resumes where it stopped.
     """
+    from ..training.checkpoint import run_path
+
+    ignored = {"steps", "progress", "device", "threads"}
+    settings = {k: v for k, v in fit_kwargs.items() if k not in ignored}
     evaluate, grad_points = None, None
     if hasattr(problem, "sample_pairs"):
         x_p, x_q = problem.sample_pairs(n_eval, torch.Generator().manual_seed(seed + 101))
@@ -74,7 +85,10 @@ def run_grid(
         fit_critic(
             problem, widths, activation, constraint, group_size=group_size, evaluate=evaluate,
             grad_points=grad_points, seed=seed, threads=threads,
-            label=_label(activation, group_size if activation == "groupsort" else None), **fit_kwargs,
+            label=_label(activation, group_size if activation == "groupsort" else None),
+            checkpoint=run_path(checkpoint_dir, f"{name}-{activation}-{constraint}", dim=problem.dim, widths=list(widths),
+                                group_size=group_size, seed=seed, n_eval=n_eval, **settings),
+            **fit_kwargs,
         )
         for constraint in constraints
         for activation in activations
@@ -213,10 +227,19 @@ def gaussian_clouds(n: int, dim: int = 2, seed: int = 0):
 
 
 def train_gan(images, z_dim: int, gen_widths, conv_channels, critic_widths, group_size: int, bjorck_iters: int,
-              steps: int, batch_size: int, n_critic: int, lr_g: float, lr_d: float, seed: int = 0, threads: int | None = 1):
-    """Build and train the LWGAN (:mod:`lipsort.wasserstein.gan`) on ``images`` in [-1, 1]."""
+              steps: int, batch_size: int, n_critic: int, lr_g: float, lr_d: float, seed: int = 0, threads: int | None = 1,
+              checkpoint_dir: str | None = None):
+    """Build and train the LWGAN (:mod:`lipsort.wasserstein.gan`) on ``images`` in [-1, 1].
+
+    With ``checkpoint_dir``, training writes ``<checkpoint_dir>/lwgan-<hash of the settings>.pt``
+    and a rerun resumes it (a longer run continues a shorter one of the same settings)."""
     from ..runtime import num_threads
+    from ..training.checkpoint import run_path
     from ..wasserstein import gan
+
+    path = run_path(checkpoint_dir, "lwgan", n_images=len(images), z_dim=z_dim, gen_widths=gen_widths,
+                    conv_channels=conv_channels, critic_widths=critic_widths, group_size=group_size,
+                    bjorck_iters=bjorck_iters, batch_size=batch_size, n_critic=n_critic, lr_g=lr_g, lr_d=lr_d, seed=seed)
 
     with num_threads(threads):
         torch.manual_seed(seed)
@@ -224,7 +247,7 @@ def train_gan(images, z_dim: int, gen_widths, conv_channels, critic_widths, grou
         f = gan.lipschitz_critic(tuple(images.shape[1:]), widths=critic_widths, activation="groupsort",
                                  group_size=group_size, bjorck_iters=bjorck_iters)
         history = gan.train_wgan(g, f, images, steps=steps, batch_size=batch_size, n_critic=n_critic,
-                                 lr_g=lr_g, lr_d=lr_d, seed=seed)
+                                 lr_g=lr_g, lr_d=lr_d, seed=seed, checkpoint=path)
     return g, f, history
 
 

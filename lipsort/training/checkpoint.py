@@ -43,6 +43,7 @@ __all__ = [
     "get_rng_state",
     "load_checkpoint",
     "loader_state",
+    "module_digest",
     "new_checkpoint",
     "run_path",
     "save_atomic",
@@ -81,6 +82,23 @@ def run_path(directory: str | os.PathLike | None, name: str, **settings) -> Path
     key = json.dumps(settings, sort_keys=True, default=repr)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return Path(directory).expanduser() / f"{name}-{digest}.pt"
+
+
+def module_digest(module: torch.nn.Module) -> str:
+    """12 hex digits of a hash of ``module``'s state (names, shapes, dtypes and values), to name
+    checkpoints of runs that depend on a trained network (a critic of a given generator).
+
+    Example:
+        >>> a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+        >>> module_digest(a) == module_digest(a), module_digest(a) == module_digest(b)
+        (True, False)
+    """
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        flat = t.detach().cpu().reshape(-1).contiguous()  # 1-D: a 0-d tensor cannot be viewed as bytes
+        h.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    return h.hexdigest()[:12]
 
 
 def _write_atomic(path: Path, write) -> None:

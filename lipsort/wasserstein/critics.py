@@ -18,14 +18,17 @@ Example:
 from __future__ import annotations
 
 import numbers
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from .._checks import check_int, check_positive
+from ..training import checkpoint as ckpt
 from .estimates import dual_estimate, exact_dual_estimate, gradient_norm_stats, gradient_norms, heldout_estimate
 
 __all__ = ["CriticHistory", "train_critic", "CriticResult", "fit_critic"]
@@ -106,6 +109,8 @@ def train_critic(
     seed: int = 0,
     progress: bool = True,
     desc: str | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 500,
 ) -> CriticHistory:
     r"""Maximize the dual objective :math:`\mathbb E_P f - \mathbb E_Q f` over the critic's weights.
 
@@ -137,6 +142,12 @@ def train_critic(
         seed: seed of the sampling generator (the critic's initialization is the caller's).
         progress: show a tqdm progress bar.
         desc: label of the progress bar.
+        checkpoint: a file (:mod:`lipsort.training.checkpoint` format) written atomically every
+            ``checkpoint_every`` steps and at the end. If it exists, training resumes from it
+            (critic, optimizer, schedule, sampling generator and history) and ends with the same
+            weights as an uninterrupted run; a finished run is not trained again. A checkpoint
+            of a run with other settings raises :class:`~lipsort.training.checkpoint.CheckpointError`.
+        checkpoint_every: steps between checkpoints.
 
     Returns:
         A :class:`CriticHistory`.
@@ -189,9 +200,35 @@ def train_critic(
 
     opt = _make_optimizer(optimizer, params, float(lr), betas)
     sched = _step_schedule(opt, milestones, gamma)
-    history = CriticHistory()
+    history, start = CriticHistory(), 0
+    checkpoint_every = check_int(checkpoint_every, "checkpoint_every")
+    config = {"batch_size": batch_size, "optimizer": optimizer if isinstance(optimizer, str) else repr(optimizer),
+              "lr": float(lr), "betas": None if betas is None else list(map(float, betas)),
+              "milestones": list(milestones), "gamma": gamma if isinstance(gamma, numbers.Real) else list(gamma),
+              "max_grad_norm": max_grad_norm, "eval_every": eval_every, "seed": seed}  # fmt: skip
+    if checkpoint is not None and Path(checkpoint).is_file():
+        state = ckpt.load_checkpoint(checkpoint)
+        if state["config"] != config:
+            raise ckpt.CheckpointError(f"{checkpoint} is a checkpoint of another critic run ({state['config']}, not {config})")
+        if int(state["epoch"]) > steps:
+            raise ckpt.CheckpointError(f"{checkpoint} holds {state['epoch']} steps, more than the {steps} asked for")
+        critic.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if sched is not None:
+            sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["rng"]["sampling"])
+        history = CriticHistory(**{k: list(v) for k, v in state["history"].items()})
+        start = int(state["epoch"])
+
+    def save(step: int) -> None:
+        ckpt.save_atomic(ckpt.new_checkpoint(
+            epoch=step, config=config, model=critic.state_dict(), optimizer=opt.state_dict(),
+            scheduler={} if sched is None else sched.state_dict(), rng={"sampling": gen.get_state()},
+            history={"train": history.train, "eval_steps": history.eval_steps, "eval": history.eval}), checkpoint)  # fmt: skip
+
     critic.train()
-    bar = tqdm(range(1, steps + 1), desc=desc or "critic", disable=not progress, mininterval=5.0)
+    bar = tqdm(range(start + 1, steps + 1), desc=desc or "critic", disable=not progress, mininterval=5.0,
+               initial=start, total=steps)  # fmt: skip
     for step in bar:
         x_p = problem.sample_p(batch_size, generator=gen, dtype=dtype, device=device)
         x_q = problem.sample_q(batch_size, generator=gen, dtype=dtype, device=device)
@@ -210,6 +247,8 @@ def train_critic(
             if not history.eval_steps or history.eval_steps[-1] != step:
                 run_eval(step)
                 bar.set_postfix(estimate=f"{history.eval[-1]:.4f}", refresh=False)
+        if checkpoint is not None and (step % checkpoint_every == 0 or step == steps):
+            save(step)
     bar.close()
     return history
 
@@ -349,6 +388,7 @@ def fit_critic(
     threads: int | None = None,
     progress: bool = True,
     label: str | None = None,
+    checkpoint: str | os.PathLike | None = None,
 ) -> CriticResult:
     r"""Build, train and measure a critic ``problem.dim → widths → 1`` for :math:`W_1(P, Q)`.
 
@@ -373,6 +413,8 @@ def fit_critic(
         threads: torch CPU threads while fitting (:func:`lipsort.runtime.num_threads`).
         progress: show a tqdm progress bar.
         label: display name (default ``"<activation> / <constraint>"``).
+        checkpoint: a checkpoint file of the training (see :func:`train_critic`): a rerun
+            resumes it, or only measures the critic if its training had finished.
     """
     from ..certify import lipschitz_upper_bound
     from ..models import mlp
@@ -396,7 +438,7 @@ def fit_critic(
             critic, problem, steps=steps, batch_size=batch_size, optimizer=optimizer, lr=lr, betas=betas,
             milestones=tuple(milestones), gamma=gamma if isinstance(gamma, numbers.Real) else tuple(gamma),
             max_grad_norm=max_grad_norm, evaluate=evaluate, eval_every=eval_every, seed=seed, progress=progress,
-            desc=label,
+            desc=label, checkpoint=checkpoint,
         )
         for _, handle in hooks:
             handle.remove()
