@@ -12,13 +12,34 @@ import torch
 
 from ._checks import check_int
 
-__all__ = ["seed_everything", "setup", "num_threads", "DEFAULT_THREADS"]
+__all__ = ["seed_everything", "setup", "num_threads", "default_threads", "DEFAULT_THREADS"]
 
+#: Torch CPU threads of a run when ``OMP_NUM_THREADS`` is not set (the count the goldens use).
 DEFAULT_THREADS = 2
 
 
-def seed_everything(seed: int = 0, threads: int | None = DEFAULT_THREADS) -> None:
-    """Seed Python, NumPy and torch, enable deterministic algorithms, fix the thread count.
+def default_threads() -> int:
+    """``OMP_NUM_THREADS`` when it is set (the user's choice wins), else :data:`DEFAULT_THREADS`.
+
+    Example:
+        >>> saved = os.environ.pop("OMP_NUM_THREADS", None)
+        >>> default_threads()
+        2
+        >>> os.environ["OMP_NUM_THREADS"] = "1"; default_threads()
+        1
+        >>> _ = os.environ.pop("OMP_NUM_THREADS") if saved is None else os.environ.update(OMP_NUM_THREADS=saved)
+    """
+    raw = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if not raw:
+        return DEFAULT_THREADS
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"OMP_NUM_THREADS must be a positive integer, got {raw!r}")
+    return int(raw)
+
+
+def seed_everything(seed: int = 0, threads: int | None | str = "env") -> None:
+    """Seed Python, NumPy and torch, enable deterministic algorithms, fix the thread count
+    (``threads="env"``: :func:`default_threads`; ``None``: leave it as is).
 
     Example:
         >>> seed_everything(3); a = torch.rand(2)
@@ -33,14 +54,17 @@ def seed_everything(seed: int = 0, threads: int | None = DEFAULT_THREADS) -> Non
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
+    if threads == "env":
+        threads = default_threads()
     if threads is not None:
         torch.set_num_threads(check_int(threads, "threads"))
 
 
-def setup(seed: int = 0, device: str | torch.device = "cpu", threads: int | None = DEFAULT_THREADS) -> torch.device:
+def setup(seed: int = 0, device: str | torch.device = "cpu", threads: int | None | str = "env") -> torch.device:
     """Prepare a reproducible run and return the torch device to use.
 
-    ``device`` is ``"cpu"``, ``"cuda"`` (an error if no GPU is visible) or ``"auto"``.
+    ``device`` is ``"cpu"``, ``"cuda"`` (an error if no GPU is visible) or ``"auto"``;
+    ``threads`` as in :func:`seed_everything` (``OMP_NUM_THREADS`` if set, else 2).
 
     Example:
         >>> setup(0, "cpu")

@@ -141,3 +141,27 @@ def test_bad_arguments_exit_with_a_usage_error(capsys):
         assert message in err, err
     with pytest.raises(ValueError, match="choose from"):
         bench.run(["nope"])
+
+
+def test_the_performance_page_shows_the_committed_benchmark_results():
+    from pathlib import Path
+
+    from lipsort.bench.report import fill_page
+
+    book = Path(__file__).resolve().parents[1] / "book"
+    text = (book / "performance.md").read_text(encoding="utf-8")
+    assert text.count("<!-- bench: ") >= 7, "the page's tables are generated between bench markers"
+    assert fill_page(text, book / "results" / "bench") == text, (
+        "book/performance.md is stale: run python -m lipsort.reproduce --render-only"
+    )
+
+
+def test_a_performance_table_names_what_is_missing(tmp_path):
+    from lipsort.bench.report import fill_page, page_table
+
+    with pytest.raises(FileNotFoundError, match="nothing.json"):
+        fill_page("<!-- bench: nothing.json layer -->\n<!-- /bench -->", tmp_path)
+    with pytest.raises(ValueError, match="no rows of 'layer'"):
+        page_table({"rows": [{"bench": "bcop"}]}, "layer")
+    with pytest.raises(ValueError, match="unknown performance table"):
+        page_table({"rows": []}, "speed")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import re
 from collections import defaultdict
+from pathlib import Path
 
 
 def plot_widths(result: dict, path: str) -> None:
@@ -49,3 +52,180 @@ def markdown(result: dict, bench: str) -> str:
             f"| {f(r['value'], '.1e')} | {f(r.get('grad_error'), '.1e')} | {f(r['peak_mib'], '.0f')} |"
         )
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the performance page
+#
+# book/performance.md holds its tables between markers
+#     <!-- bench: cpu.json layer -->  ...  <!-- /bench -->
+# that :func:`fill_page` regenerates from ``book/results/bench/<file>`` (so no number on the page
+# is typed by hand); ``python -m lipsort.reproduce --render-only`` calls it.
+
+_DASH = "–"
+
+
+def _fmt(v, spec: str) -> str:
+    return _DASH if v is None else format(v, spec)
+
+
+def _rows(result: dict, bench: str) -> list[dict]:
+    rows = [r for r in result["rows"] if r["bench"] == bench]
+    if not rows:
+        raise ValueError(f"the benchmark result has no rows of {bench!r} (it has {sorted({r['bench'] for r in result['rows']})})")
+    return rows
+
+
+def _grouped(rows: list[dict]) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["case"], []).append(r)
+    return groups
+
+
+def _pick(rows: list[dict], impl: str) -> dict:
+    for r in rows:
+        if r["impl"] == impl:
+            return r
+    raise ValueError(f"no {impl!r} row in case {rows[0]['case']!r} (impls: {[r['impl'] for r in rows]})")
+
+
+def _vs(r: dict, spec: str = ".1f", unit: str = "") -> str:
+    """``time (ratio×)``, the ratio being this row's time over lipsort's in the same case."""
+    return f"{r['time_ms']:{spec}}{unit} ({r['ratio']:.2f}×)"
+
+
+_CHECK_HEADER = ["| case | impl | ms | × lipsort | max\\|σ−1\\| | grad err | peak MiB |", "|---|---|---|---|---|---|---|"]
+
+
+def _check_table(result: dict, bench: str, case_name, impl_names: dict) -> list[str]:
+    lines = list(_CHECK_HEADER)
+    for case, rows in _grouped(_rows(result, bench)).items():
+        for i, r in enumerate(rows):
+            lines.append(f"| {case_name(case) if i == 0 else ''} | {impl_names.get(r['impl'], r['impl'])} | {r['time_ms']:.1f} "
+                         f"| {r['ratio']:.2f} | {_fmt(r['value'], '.1e')} | {_fmt(r.get('grad_error'), '.1e')} "
+                         f"| {_fmt(r['peak_mib'], '.0f')} |")  # fmt: skip
+    return lines
+
+
+def _layer(result: dict) -> list[str]:
+    return _check_table(result, "layer", lambda case: case.rsplit(", ", 1)[-1],
+                        {"lipsort bjorck(20)": "lipsort `n_iters=20`"})  # fmt: skip
+
+
+def _bjorck(result: dict) -> list[str]:
+    return _check_table(result, "bjorck", lambda case: case.split()[0].replace("x", "×"),
+                        {"lipsort": "lipsort `polar`", "lipsort bjorck(20)": "`bjorck(w, 20)`",
+                         "reference": "reference (Frobenius pre-scale)", "deel-torchlip": "deel-torchlip, 20 it"})  # fmt: skip
+
+
+def _widths(result: dict) -> list[str]:
+    lines = ["| width | lipsort ms | deel-torchlip (× lipsort) | deel grad err | nn.Linear ms |", "|---|---|---|---|---|"]
+    groups = sorted(_grouped(_rows(result, "widths")).values(), key=lambda rows: rows[0]["x"])
+    for rows in groups:
+        ours, deel, plain = (_pick(rows, impl) for impl in ("lipsort", "deel-torchlip", "nn.Linear"))
+        lines.append(f"| {ours['x']:g} | {ours['time_ms']:.1f} | {deel['time_ms']:.1f} ({deel['ratio']:.2f}) "
+                     f"| {_fmt(deel.get('grad_error'), '.1e')} | {plain['time_ms']:.1f} |")  # fmt: skip
+    return lines
+
+
+def _activation_name(case: str) -> str:
+    name, shape = case.split(" (", 1)
+    if name.startswith("group_sort g="):
+        return f"GroupSort({name.split('=')[1]}) ({shape}"
+    return {"max_min": "MaxMin"}.get(name, name) + f" ({shape}"
+
+
+def _activations(result: dict) -> list[str]:
+    lines = ["| case | lipsort ms | reshape + sort | deel-torchlip | ReLU |", "|---|---|---|---|---|"]
+    for case, rows in _grouped(_rows(result, "groupsort")).items():
+        impls = {r["impl"]: r for r in rows}
+        cells = [_vs(impls[k], ".2f") if k in impls else _DASH for k in ("naive", "deel-torchlip", "relu")]
+        lines.append(f"| {_activation_name(case)} | {impls['lipsort']['time_ms']:.2f} | {' | '.join(cells)} |")
+    return lines
+
+
+def _cache(result: dict) -> list[str]:
+    lines = ["| case | lipsort (cached) | plain layers (`frozen`) | recomputing the weight |", "|---|---|---|---|"]
+    for case, rows in _grouped(_rows(result, "cache")).items():
+        impls = {r["impl"]: r for r in rows}
+        if "plain" in impls:  # a network: its frozen copy and the uncached forward
+            lines.append(f"| {case.removeprefix('eval ').split(' batch')[0]} (Björck, MaxMin) | {impls['lipsort']['time_ms']:.1f} ms "
+                         f"| {_vs(impls['plain'], unit=' ms')} | {_vs(impls['recompute'], unit=' ms')} |")  # fmt: skip
+        else:  # one layer under each constraint, against nn.Linear
+            kinds = " / ".join(f"{impls[k]['time_ms']:.1f}" for k in ("lipsort", "spectral", "linf"))
+            lines.append(f"| one {case.split()[1].replace('x', '×')} layer: Björck / spectral / ℓ∞ | {kinds} ms "
+                         f"| {_vs(impls['nn.Linear'], unit=' ms')} | {_DASH} |")  # fmt: skip
+    return lines
+
+
+def _networks(result: dict) -> list[str]:
+    lines = ["| case | impl | step ms | × lipsort | peak MiB | full run |", "|---|---|---|---|---|---|"]
+    names = {"lipsort bjorck(20)": "lipsort `n_iters=20`", "deel-torchlip": "deel-torchlip (`SpectralLinear`, GroupSort2)"}
+    for case, rows in _grouped(_rows(result, "mlp")).items():
+        mnist = case.startswith("MLP")
+        for i, r in enumerate(rows):
+            full = ""
+            if r["impl"].startswith("lipsort"):  # 469 steps of batch 128 per MNIST epoch; A3's 19,200 steps
+                full = (f"{r['time_ms'] * 469 / 60000:.1f} min per 60,000-image epoch (469 steps)" if mnist
+                        else f"{r['time_ms'] * 19200 / 60000:.0f} min for 19,200 steps")  # fmt: skip
+            label = ("MNIST MLP" if mnist else "A3 critic") if i == 0 else ""
+            lines.append(f"| {label} | {names.get(r['impl'], r['impl'])} | {r['time_ms']:.1f} | {r['ratio']:.2f} "
+                         f"| {_fmt(r['peak_mib'], '.0f')} | {full} |")  # fmt: skip
+    return lines
+
+
+def _bcop(result: dict) -> list[str]:
+    lines = ["| layer | lipsort ms | per-tap | free circular conv | max\\|σ−1\\| (lipsort / per-tap) |", "|---|---|---|---|---|"]
+    for case, rows in _grouped(_rows(result, "bcop")).items():
+        ours, tap, free = (_pick(rows, impl) for impl in ("lipsort", "per-tap", "unconstrained"))
+        net, _, shape, kernel, size = case.split(",")[0].split()
+        lines.append(f"| {net} {shape} {kernel} {size.split('×')[0]} | {ours['time_ms']:.1f} | {_vs(tap)} | {_vs(free)} "
+                     f"| {_fmt(ours['value'], '.0e')} / {_fmt(tap['value'], '.0e')} |")  # fmt: skip
+    return lines
+
+
+#: The tables of the performance page, by the name its markers use.
+PAGE_TABLES = {"layer": _layer, "widths": _widths, "bjorck": _bjorck, "activations": _activations,
+               "cache": _cache, "networks": _networks, "bcop": _bcop}  # fmt: skip
+
+
+def page_table(result: dict, name: str) -> str:
+    """One table of ``book/performance.md`` (a key of :data:`PAGE_TABLES`) from a benchmark result."""
+    if name not in PAGE_TABLES:
+        raise ValueError(f"unknown performance table {name!r}; known: {sorted(PAGE_TABLES)}")
+    return "\n".join(PAGE_TABLES[name](result))
+
+
+_MARKER = re.compile(r"(<!-- bench: (\S+) (\S+) -->\n)(.*?)(<!-- /bench -->)", re.S)
+
+
+def fill_page(text: str, results_dir: str | Path) -> str:
+    """``text`` with every ``<!-- bench: <file> <table> -->`` … ``<!-- /bench -->`` block
+    regenerated from ``<results_dir>/<file>`` (an error names a missing file or table).
+
+    Example:
+        >>> import json, tempfile, pathlib
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> row = dict(bench="widths", impl="lipsort", case="8x8", x=8, time_ms=1.0, ratio=1.0)
+        >>> rows = [row, {**row, "impl": "deel-torchlip", "time_ms": 2.0, "ratio": 2.0, "grad_error": 0.5},
+        ...         {**row, "impl": "nn.Linear", "time_ms": 0.1, "ratio": 0.1}]
+        >>> _ = (d / "r.json").write_text(json.dumps({"rows": rows}))
+        >>> print(fill_page("<!-- bench: r.json widths -->\\nold\\n<!-- /bench -->", d))
+        <!-- bench: r.json widths -->
+        | width | lipsort ms | deel-torchlip (× lipsort) | deel grad err | nn.Linear ms |
+        |---|---|---|---|---|
+        | 8 | 1.0 | 2.0 (2.00) | 5.0e-01 | 0.1 |
+        <!-- /bench -->
+    """
+    cache: dict[str, dict] = {}
+
+    def table(m: re.Match) -> str:
+        name, kind = m.group(2), m.group(3)
+        if name not in cache:
+            path = Path(results_dir) / name
+            if not path.is_file():
+                raise FileNotFoundError(f"the performance page needs {path}: run python -m lipsort.bench (see book/performance.md)")
+            cache[name] = json.loads(path.read_text(encoding="utf-8"))
+        return f"{m.group(1)}{page_table(cache[name], kind)}\n{m.group(5)}"
+
+    return _MARKER.sub(table, text)

@@ -389,7 +389,8 @@ def extra_pages(root: str | Path) -> list[str]:
 
 
 def write_pages(root: str | Path) -> list[Path]:
-    """Regenerate ``book/reproduction.md``, ``book/status.md`` and ``book/_toc.yml`` under ``root``."""
+    """Regenerate ``book/reproduction.md``, ``book/status.md`` and ``book/_toc.yml`` under ``root``,
+    and the tables of ``book/performance.md`` from ``book/results/bench`` (:func:`lipsort.bench.report.fill_page`)."""
     root = Path(root)
     book = root / "book"
     claims = load_claims(book / "claims.yml", root / "notebooks")
@@ -406,6 +407,11 @@ def write_pages(root: str | Path) -> list[Path]:
         book / "status.md": render_status(results, estimates),
         book / "_toc.yml": render_toc(discover(root / "notebooks"), extra),
     }
+    performance = book / "performance.md"
+    if performance.is_file():
+        from ..bench.report import fill_page
+
+        pages[performance] = fill_page(performance.read_text(encoding="utf-8"), book / "results" / "bench")
     for path, text in pages.items():
         path.write_text(text, encoding="utf-8")
     return list(pages)

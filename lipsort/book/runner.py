@@ -409,7 +409,7 @@ def _parser() -> argparse.ArgumentParser:
         "(make golden uses tests/golden)",
     )
     p.add_argument("--root", type=Path, default=None, help="project root holding notebooks/ and book/ (default: this repository)")
-    p.add_argument("--render-only", action="store_true", help="only regenerate reproduction.md, status.md and _toc.yml")
+    p.add_argument("--render-only", action="store_true", help="only regenerate reproduction.md, status.md, _toc.yml and the tables of performance.md")
     p.add_argument("--check", action="store_true", help="validate chapters, overrides and ledger; run nothing")
     return p
 
