@@ -33,7 +33,10 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, method):
         first = _run(method, 2, str(tmp_path / "b"))
         resumed = _run(method, 3, str(tmp_path / "b"))
     assert first.resumed_from is None and resumed.resumed_from == 2
-    assert (tmp_path / "b" / f"t.{method}.pt").is_file()
+    (path,) = (tmp_path / "b").glob(f"t.{method}-*.pt")  # named by the run's settings
+    with num_threads(1):
+        _run(method, 1, str(tmp_path / "b"), margin=0.5)  # another recipe: another checkpoint
+    assert len(list((tmp_path / "b").glob(f"t.{method}-*.pt"))) == 2 and path.is_file()
     for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values()):
         assert torch.equal(a, b)
     assert whole.history["lr"] == [1e-3 if method == "pgd" else 3.3e-3] * 2 + [pytest.approx(

@@ -15,7 +15,6 @@ r"""Book glue for chapter 05 (provable robustness on MNIST and Fashion-MNIST: A6
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -205,10 +204,12 @@ def train(name: str, model: nn.Module, method: str, train_data, test_data, *, ep
       (:func:`pgd_training_transform`: ε, steps, step size, margin ascent, clamp to [0, 1]).
 
     The learning rate is multiplied by 0.1 at each of ``milestones`` (epochs). With
-    ``checkpoint_dir`` the run writes ``<dir>/<name>.pt`` every epoch and resumes from it;
+    ``checkpoint_dir`` the run writes ``<dir>/<name>-<hash of the settings>.pt`` every epoch
+    and resumes from it;
     ``progress`` shows fit's bars and a line per epoch (with timings: off for the goldens).
     """
     from ..data import loader
+    from ..training.checkpoint import run_path
 
     if method not in ("standard", "hinge", "pgd"):
         raise ValueError(f"method must be 'standard', 'hinge' or 'pgd', got {method!r}")
@@ -223,10 +224,11 @@ def train(name: str, model: nn.Module, method: str, train_data, test_data, *, ep
         loss = nn.CrossEntropyLoss()
         if method == "pgd":
             kwargs["input_transform"] = pgd_training_transform(pgd_eps, pgd_steps, pgd_step_size)
-    path = None
-    if checkpoint_dir:
-        path = Path(checkpoint_dir).expanduser() / f"{name}.pt"
-        path.parent.mkdir(parents=True, exist_ok=True)
+    # Named by every setting but the epoch count (a longer run continues a shorter one), so a
+    # run with another architecture, data size or recipe never resumes a foreign checkpoint.
+    path = run_path(checkpoint_dir, name, method=method, architecture=repr(model), n_train=int(len(train_data[1])),
+                    batch_size=batch_size, lr=lr, milestones=list(milestones), margin=margin, l_constant=l_constant,
+                    pgd=[pgd_steps, pgd_eps, pgd_step_size] if method == "pgd" else None, seed=seed)  # fmt: skip
     return fit(model, opt, loss, loader(train_data, batch_size, seed=seed), epochs,
                eval_data=loader(test_data, 1000, shuffle=False), schedule=_milestones(milestones),
                checkpoint=path, device=device, desc=name, progress=progress, **kwargs)
