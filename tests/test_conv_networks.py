@@ -91,6 +91,27 @@ def test_freeze_projectors_keeps_them_during_training():
     assert all(p.requires_grad for p in h)
 
 
+def test_freeze_bcop_fixes_every_convolution_parameter_and_trains_the_rest():
+    torch.manual_seed(0)
+    net = C.bcop_small("bcop")
+    n = C.freeze_bcop(net)
+    frozen = [p for m in net.modules() if isinstance(m, BCOP) for p in m.parameters()]
+    before = [p.clone() for p in frozen]
+    free = [p for p in net.parameters() if p.requires_grad]
+    assert n == sum(p.numel() for p in frozen) and free  # the dense layers still train
+    free0 = [p.clone() for p in free]
+    opt = torch.optim.Adam(free, lr=0.1)
+    x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    for _ in range(2):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, frozen))
+    assert any(not torch.equal(a, b) for a, b in zip(free0, free))
+    with pytest.raises(ValueError, match="no BCOP"):
+        C.freeze_bcop(C.bcop_small("rko"))
+
+
 def test_bad_arguments_name_the_problem():
     with pytest.raises(ValueError, match="unknown conv 'svcm'"):
         C.bcop_small("svcm")

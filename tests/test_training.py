@@ -494,3 +494,20 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     for key in ("train_loss", "train_acc", "eval_loss", "eval_acc", "lipschitz"):
         assert h2[key] == pytest.approx(h1[key], rel=1e-10)
     assert not math.isnan(h1["train_loss"][-1])
+
+
+def test_setup_takes_the_thread_count_from_omp_num_threads(monkeypatch):
+    import lipsort
+    from lipsort.runtime import default_threads, num_threads
+
+    with num_threads(torch.get_num_threads()):  # restore the suite's count afterwards
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        lipsort.setup(0)
+        assert torch.get_num_threads() == 1
+        lipsort.setup(0, threads=2)  # an explicit count wins
+        assert torch.get_num_threads() == 2
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        assert default_threads() == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "two")
+        with pytest.raises(ValueError, match="OMP_NUM_THREADS must be a positive integer, got 'two'"):
+            lipsort.setup(0)

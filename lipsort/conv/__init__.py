@@ -8,7 +8,7 @@ r"""Orthogonal convolutions (Li et al., 2019; chapter 06).
 * :func:`singular_values` (exact, by the FFT) and :func:`component_invariants`
   (:mod:`lipsort.conv.spectrum`); :func:`circular_conv2d` and its adjoint.
 * The networks of Table 1 and Anil et al.'s LeNet: :func:`bcop_small`, :func:`bcop_large`,
-  :func:`fc3`, :func:`lenet`, :func:`freeze_projectors` (:mod:`lipsort.conv.networks`).
+  :func:`fc3`, :func:`lenet`, :func:`freeze_bcop`, :func:`freeze_projectors` (:mod:`lipsort.conv.networks`).
 * :func:`~lipsort.conv.reference.bcop_kernel_per_tap`: the straightforward construction,
   a peer for tests and benchmarks.
 
@@ -33,7 +33,7 @@ Example:
 from ._base import CircularConv2d, circular_conv2d, circular_conv2d_transpose
 from .baselines import OSSN, RKO, InvertibleDownsampling, strided_conv
 from .bcop import BCOP, bcop_kernel, embed_bcop, projector_block
-from .networks import CONVS, Scale, bcop_large, bcop_small, fc3, freeze_projectors, lenet
+from .networks import CONVS, Scale, bcop_large, bcop_small, fc3, freeze_bcop, freeze_projectors, lenet
 from .spectrum import component_invariants, singular_values
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "bcop_large",
     "bcop_small",
     "fc3",
+    "freeze_bcop",
     "freeze_projectors",
     "lenet",
     "OSSN",

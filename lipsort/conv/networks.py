@@ -230,10 +230,33 @@ def lenet(
     )  # fmt: skip
 
 
+def freeze_bcop(model: nn.Module) -> int:
+    """Freeze every parameter of every :class:`BCOP` in ``model`` (orthogonal part, projectors,
+    bias): Li et al.'s ablation *BCOP-Fixed*, whose convolutions keep their random orthogonal
+    initialization while the dense layers train. Returns the number of frozen parameters;
+    raises if ``model`` has no BCOP.
+
+    Example:
+        >>> net = bcop_small("bcop")
+        >>> n = freeze_bcop(net)
+        >>> n == sum(p.numel() for m in net.modules() if isinstance(m, BCOP) for p in m.parameters())
+        True
+        >>> all(p.requires_grad for p in net[-1].parameters())  # the last dense layer trains
+        True
+    """
+    layers = [m for m in model.modules() if isinstance(m, BCOP)]
+    if not layers:
+        raise ValueError("freeze_bcop: the model has no BCOP layer")
+    params = [p for m in layers for p in m.parameters()]
+    for p in params:
+        p.requires_grad_(False)
+    return sum(p.numel() for p in params)
+
+
 def freeze_projectors(model: nn.Module) -> int:
     """Freeze the projector parameters of every :class:`BCOP` in ``model``: the ablation of
-    Li et al. (BCOP with fixed projectors; only the 1×1 part, the biases and the dense layers
-    train). Returns the number of frozen parameters; raises if ``model`` has no BCOP.
+    a finer ablation than Li et al.'s :func:`freeze_bcop` (only the spatial structure is fixed:
+    the 1×1 parts, the biases and the dense layers train). Returns the number of frozen parameters; raises if ``model`` has no BCOP.
 
     Example:
         >>> net = bcop_small("bcop")

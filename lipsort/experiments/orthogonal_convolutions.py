@@ -232,7 +232,7 @@ def _ckpt_name(config: dict) -> str:
 def build(net: str, conv: str, *, n_iters=20, fc3_width=1024, large_fc_width=512, in_channels=1,
           input_size=28):
     """The network ``net`` ∈ {small, large, fc3} with convolutions ``conv`` (``"bcop_frozen"``:
-    BCOP whose projector parameters are frozen, the paper's ablation)."""
+    BCOP with every convolution parameter frozen, the paper's ablation BCOP-Fixed)."""
     kind = "bcop" if conv == "bcop_frozen" else conv
     kw = dict(in_channels=in_channels, input_size=input_size, n_iters=n_iters)
     if net == "small":
@@ -244,7 +244,7 @@ def build(net: str, conv: str, *, n_iters=20, fc3_width=1024, large_fc_width=512
     else:
         raise ValueError(f"unknown net {net!r}; choose small, large or fc3")
     if conv == "bcop_frozen":
-        C.freeze_projectors(model)
+        C.freeze_bcop(model)
     return model
 
 
@@ -265,13 +265,15 @@ def train_classifier(data_name, net, conv, train, test, *, seed, epochs, batch_s
     torch.manual_seed(seed)
     model = build(net, conv, n_iters=n_iters, fc3_width=fc3_width,
                   large_fc_width=large_fc_width).to(device)
-    frozen0 = [m.proj_orig.detach().clone() for m in model.modules() if isinstance(m, C.BCOP)]
+    frozen0 = [p.detach().clone() for m in model.modules() if isinstance(m, C.BCOP) for p in m.parameters()]
     config = dict(data=data_name, net=net, conv=conv, seed=seed, epochs=epochs,
                   batch=batch_size, lr=lr, schedule=schedule, lr_step=lr_step, margin=margin,
                   n_iters=n_iters, fc3_width=fc3_width if net == "fc3" else None,
                   large_fc_width=large_fc_width if net == "large" else None,
                   n_train=int(train[1].shape[0]))  # fmt: skip
     config.pop("epochs")  # a longer run continues the same checkpoint
+    if conv == "bcop_frozen":
+        config["frozen"] = "every BCOP parameter"  # not the projector-only freezing of earlier versions
     params = [p for p in model.parameters() if p.requires_grad]
     result = fit(model, torch.optim.Adam(params, lr=lr), MarginLoss(margin),
                  loader(train, batch_size, seed=seed), epochs,
@@ -296,7 +298,7 @@ def train_classifier(data_name, net, conv, train, test, *, seed, epochs, batch_s
         model.eval()  # torchattacks leaves the model in training mode
     change = None
     if conv == "bcop_frozen":
-        now = [m.proj_orig.detach() for m in model.modules() if isinstance(m, C.BCOP)]
+        now = [p.detach() for m in model.modules() if isinstance(m, C.BCOP) for p in m.parameters()]
         change = float(max((a.cpu() - b.cpu()).abs().max() for a, b in zip(frozen0, now)))
     secs = result.history.get("seconds") or [math.nan]
     return Run(data_name, net, conv, seed, ev["acc"], dict(zip(radii, ev["certified_acc"])),
