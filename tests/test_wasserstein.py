@@ -275,3 +275,9 @@ def test_a_critic_grid_resumes_from_its_checkpoints_and_a_longer_run_continues_a
     assert continued.estimate == straight.estimate
     xw.run_grid(three_cones(), [16], steps=6, checkpoint_dir=tmp_path, name="a2", **kw)  # other widths: another file
     assert len(list(tmp_path.glob("a2-maxmin-bjorck-*.pt"))) == 2 and path.is_file()
+    from lipsort.wasserstein import EmpiricalProblem
+
+    clouds = [EmpiricalProblem(torch.randn(16, 2) + s, torch.randn(16, 2)) for s in (0.0, 1.0)]
+    for problem in clouds:  # other samples under the same name: another file, never a resume
+        xw.run_grid(problem, [8], steps=3, checkpoint_dir=tmp_path, name="clouds", **kw)
+    assert len(list(tmp_path.glob("clouds-maxmin-bjorck-*.pt"))) == 2

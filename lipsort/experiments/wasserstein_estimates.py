@@ -62,10 +62,13 @@ def run_grid(
 
     With ``checkpoint_dir``, every critic trains with a checkpoint
     ``<checkpoint_dir>/<name>-<activation>-<constraint>-<hash>.pt`` (the hash covers the
-    problem's dimension, the widths and every setting but the step count, so a longer run
-    continues a shorter one): an interrupted grid resumes where it stopped.
+    problem, by its type and public attributes such as its samples, the widths and every setting
+    but the step count, so a longer run continues a shorter one): an interrupted grid resumes
+    where it stopped, and a changed problem never resumes another's critic.
     """
-    from ..training.checkpoint import run_path
+    from ..training.checkpoint import run_path, state_digest
+
+    problem_key = [type(problem).__name__, state_digest({k: v for k, v in vars(problem).items() if not k.startswith("_")})]
 
     ignored = {"steps", "progress", "device", "threads"}
     settings = {k: v for k, v in fit_kwargs.items() if k not in ignored}
@@ -86,7 +89,7 @@ def run_grid(
             problem, widths, activation, constraint, group_size=group_size, evaluate=evaluate,
             grad_points=grad_points, seed=seed, threads=threads,
             label=_label(activation, group_size if activation == "groupsort" else None),
-            checkpoint=run_path(checkpoint_dir, f"{name}-{activation}-{constraint}", dim=problem.dim, widths=list(widths),
+            checkpoint=run_path(checkpoint_dir, f"{name}-{activation}-{constraint}", problem=problem_key, widths=list(widths),
                                 group_size=group_size, seed=seed, n_eval=n_eval, **settings),
             **fit_kwargs,
         )

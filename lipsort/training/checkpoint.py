@@ -43,7 +43,8 @@ __all__ = [
     "get_rng_state",
     "load_checkpoint",
     "loader_state",
-    "module_digest",
+    "load_run",
+    "state_digest",
     "new_checkpoint",
     "run_path",
     "save_atomic",
@@ -84,20 +85,41 @@ def run_path(directory: str | os.PathLike | None, name: str, **settings) -> Path
     return Path(directory).expanduser() / f"{name}-{digest}.pt"
 
 
-def module_digest(module: torch.nn.Module) -> str:
-    """12 hex digits of a hash of ``module``'s state (names, shapes, dtypes and values), to name
-    checkpoints of runs that depend on a trained network (a critic of a given generator).
+def load_run(path: str | os.PathLike | None, config: dict, what: str, steps: int | None = None) -> dict | None:
+    """The checkpoint at ``path`` to resume a run with settings ``config``, or ``None`` when there
+    is none yet (or ``path`` is ``None``): for training loops that keep their own state.
+
+    Raises :class:`CheckpointError` (naming the file) when it is unreadable, holds a run with other
+    settings (``what`` names the kind of run in the message), or is further than ``steps``.
+    """
+    if path is None or not Path(path).is_file():
+        return None
+    state = load_checkpoint(path)
+    if state["config"] != config:
+        raise CheckpointError(f"{path} is a checkpoint of another {what} run ({state['config']}, not {config})")
+    if steps is not None and state["epoch"] > steps:
+        raise CheckpointError(f"{path} holds {state['epoch']} steps, more than the {steps} asked for")
+    return state
+
+
+def state_digest(state: dict) -> str:
+    """12 hex digits of a hash of ``state``'s keys and values (tensors by name, shape, dtype and
+    bytes; anything else by ``repr``), to name checkpoints of runs that depend on data or on a
+    trained network (a critic of a given generator's samples).
 
     Example:
-        >>> a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
-        >>> module_digest(a) == module_digest(a), module_digest(a) == module_digest(b)
+        >>> a = {"x": torch.ones(2), "name": "cones"}
+        >>> state_digest(a) == state_digest(dict(a)), state_digest(a) == state_digest({**a, "x": torch.zeros(2)})
         (True, False)
     """
     h = hashlib.sha256()
-    for name, t in module.state_dict().items():
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        flat = t.detach().cpu().reshape(-1).contiguous()  # 1-D: a 0-d tensor cannot be viewed as bytes
-        h.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    for name, value in sorted(state.items()):
+        if isinstance(value, torch.Tensor):
+            h.update(f"{name}:{tuple(value.shape)}:{value.dtype}".encode())
+            flat = value.detach().cpu().reshape(-1).contiguous()  # 1-D: a 0-d tensor cannot be viewed as bytes
+            h.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+        else:
+            h.update(f"{name}={value!r}".encode())
     return h.hexdigest()[:12]
 
 

@@ -21,7 +21,6 @@ import numbers
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -206,12 +205,8 @@ def train_critic(
               "lr": float(lr), "betas": None if betas is None else list(map(float, betas)),
               "milestones": list(milestones), "gamma": gamma if isinstance(gamma, numbers.Real) else list(gamma),
               "max_grad_norm": max_grad_norm, "eval_every": eval_every, "seed": seed}  # fmt: skip
-    if checkpoint is not None and Path(checkpoint).is_file():
-        state = ckpt.load_checkpoint(checkpoint)
-        if state["config"] != config:
-            raise ckpt.CheckpointError(f"{checkpoint} is a checkpoint of another critic run ({state['config']}, not {config})")
-        if int(state["epoch"]) > steps:
-            raise ckpt.CheckpointError(f"{checkpoint} holds {state['epoch']} steps, more than the {steps} asked for")
+    state = ckpt.load_run(checkpoint, config, "critic", steps)
+    if state is not None:
         critic.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         if sched is not None:

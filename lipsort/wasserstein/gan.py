@@ -35,7 +35,6 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -207,10 +206,8 @@ def train_wgan(
     history, start = GanHistory(), 0
     config = {"batch_size": batch_size, "n_critic": n_critic, "lr_g": lr_g, "lr_d": lr_d, "betas": list(map(float, betas)),
               "seed": seed, "n_images": int(images.shape[0])}
-    if checkpoint is not None and Path(checkpoint).is_file():
-        state = ckpt.load_checkpoint(checkpoint)
-        if state["config"] != config:
-            raise ckpt.CheckpointError(f"{checkpoint} is a checkpoint of another WGAN run ({state['config']}, not {config})")
+    state = ckpt.load_run(checkpoint, config, "WGAN", steps)
+    if state is not None:
         generator.load_state_dict(state["model"]["generator"])
         critic.load_state_dict(state["model"]["critic"])
         opt_g.load_state_dict(state["optimizer"]["generator"])
