@@ -479,9 +479,8 @@ def project_rows_l1(w: torch.Tensor, radius: float = 1.0) -> torch.Tensor:
     if torch.is_grad_enabled() and a.requires_grad:
         support = a.detach() > theta
         theta = (torch.where(support, a, 0).sum(-1, keepdim=True) - radius) / support.sum(-1, keepdim=True).clamp_min(1)
-    # θ = 0 keeps a row inside the ball exactly; w − clamp(w, −θ, θ) = sign(w)(|w| − θ)_+.
-    theta = torch.where(inside, 0, theta.clamp_min(0))
-    v = w - torch.clamp(w, -theta, theta)
+    theta = theta.clamp_min(0)
+    v = w - torch.clamp(w, -theta, theta)  # = sign(w)(|w| − θ)_+
     # Rounding can leave a computed row sum a few ulps above the radius: shrink those rows
     # by a vanishing factor until the sum, computed exactly as above, is inside.
     eps = torch.finfo(w.dtype).eps
@@ -491,7 +490,8 @@ def project_rows_l1(w: torch.Tensor, radius: float = 1.0) -> torch.Tensor:
         if not bool(over.any()):
             break
         v = torch.where(over, v * (radius / va.sum(-1, keepdim=True)) * (1 - eps * 2**step), v)
-    return v
+    # Rows inside are w itself, with the identity as their gradient (zeros included).
+    return torch.where(inside, w, v) if bool(inside.any()) else v
 
 
 def _row_sums_within(a: torch.Tensor, radius: float) -> torch.Tensor:

@@ -202,6 +202,15 @@ def test_project_rows_l1_agrees_with_the_sorting_algorithm(case):
         assert (p.abs().sum(-1) <= radius).all()
 
 
+def test_project_rows_l1_gradient_is_the_identity_on_rows_inside_the_ball():
+    # Zeros included: a free weight at 0 in a row inside the ball must still get its gradient.
+    w = torch.tensor([[0.2, 0.0, -0.3], [2.0, 0.0, -1.0]], dtype=DT, requires_grad=True)
+    g = torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]], dtype=DT)
+    (F.project_rows_l1(w) * g).sum().backward()
+    assert torch.equal(w.grad[0], g[0])
+    assert w.grad[1, 1] == 0  # outside the support of the projected row
+
+
 def test_operator_norms_are_exact():
     w = _random((7, 5), seed=13)
     assert torch.allclose(F.operator_norm(w, 2), torch.linalg.svdvals(w)[0])
