@@ -353,3 +353,21 @@ def test_a_rerun_that_reproduces_a_clean_record_leaves_it_untouched(tmp_path, ca
     assert not reproduce._reproduces(other, old)
     dirty = {**old, "provenance": {**old["provenance"], "dirty": True}}
     assert not reproduce._reproduces(old, dirty) and not reproduce._reproduces(dirty, old)
+
+
+def test_records_from_other_cpus_names_each_chapter_recorded_elsewhere(tmp_path):
+    quick = tmp_path / "book" / "results" / "quick"
+    quick.mkdir(parents=True)
+    for slug, cpu in (("01_a", "AMD EPYC"), ("02_b", "Intel(R) Xeon(R) Processor")):
+        (quick / f"{slug}.json").write_text(json.dumps({"results": {}, "provenance": {"device": {"cpu": cpu}}}))
+    (quick / "03_c.json").write_text("{truncated")
+    slugs = ["01_a", "02_b", "03_c", "04_missing"]
+    assert reproduce.records_from_other_cpus(tmp_path, slugs, "AMD EPYC") == {"02_b": "Intel(R) Xeon(R) Processor"}
+    assert reproduce.records_from_other_cpus(tmp_path, slugs, "Intel(R) Xeon(R) Processor") == {"01_a": "AMD EPYC"}
+
+
+def test_committed_quick_records_name_their_cpu():
+    # The warning above relies on every committed quick record naming its CPU model.
+    root = Path(lipsort.__file__).resolve().parents[1]
+    for path in sorted((root / "book" / "results" / "quick").glob("*.json")):
+        assert json.loads(path.read_text())["provenance"]["device"]["cpu"], path
