@@ -454,10 +454,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{job.slug}: inject {job.inject}" + (f" (partial: {job.partial})" if job.partial else ""))
         return 0
     if args.profile == "quick" and args.device == "cpu":
-        others = records_from_other_cpus(root, [job.slug for job in jobs], prov.cpu_name())
-        for slug, recorded in others.items():
+        cpu = prov.cpu_name()
+        for slug, recorded in records_from_other_cpus(root, [job.slug for job in jobs], cpu).items():
             print(f"warning: {slug}'s committed quick record was made on {recorded!r}, this CPU is "
-                  f"{prov.cpu_name()!r}: its printed floats may differ, so goldens written here may "
+                  f"{cpu!r}: its printed floats may differ, so goldens written here may "
                   "not match a run on the records' CPU", file=sys.stderr)
     outcomes = run(jobs, root, args.profile, args.device, record=args.output is None)
     print("\n" + _summary(outcomes))
