@@ -425,40 +425,82 @@ def power_iteration(
     return torch.linalg.vector_norm(w @ u), u
 
 
+def _l1_threshold(a: torch.Tensor, radius: float) -> torch.Tensor:
+    r"""The soft threshold θ of each row of ``a ≥ 0`` with :math:`\sum_j (a_j - \theta)_+ = r`.
+
+    Newton's method on the convex, decreasing, piecewise-linear
+    :math:`\varphi(\theta) = \sum_j (a_j - \theta)_+ - r`, i.e. Michelot's (1986) algorithm:
+    :math:`\theta \leftarrow (\sum_{a_j > \theta} a_j - r) / |\{a_j > \theta\}|`. Started below
+    the root, at :math:`\max(a_{\max} - r, (\sum_j a_j - r)/n)` (two of the sorting algorithm's
+    candidates), θ only grows and the support only shrinks, so it stops at the exact θ once no
+    row's support changes: at most ``n`` rounds, 4–10 on trained weights, each a pass over the
+    matrix, where sorting every row costs 2–3 times more (Condat, 2016, compares the two).
+    """
+    n = a.shape[-1]
+    theta = torch.maximum(a.amax(-1, keepdim=True) - radius, (a.sum(-1, keepdim=True) - radius) / n)
+    count = None
+    for _ in range(n + 1):
+        d = (a - theta).clamp_min_(0)
+        c = torch.count_nonzero(d, -1).unsqueeze(-1)
+        if count is not None and torch.equal(c, count):
+            break
+        count = c
+        # clamp_min(0): rounding must not move θ back (that could cycle).
+        theta = theta + ((d.sum(-1, keepdim=True) - radius) / c.clamp_min(1)).clamp_min_(0)
+    return theta
+
+
 def project_rows_l1(w: torch.Tensor, radius: float = 1.0) -> torch.Tensor:
     r"""Project each row of ``w`` onto the ℓ1 ball of ``radius``, so ``‖W‖∞ ≤ radius``.
 
-    Exact Euclidean projection :math:`\arg\min_{\|v\|_1 \le r}\|v - w_i\|_2`, by the sorting
-    algorithm (Condat, 2016, Algorithm 1) vectorized over rows: soft-thresholding
-    :math:`v = \operatorname{sign}(w)\max(|w| - \theta, 0)` with the threshold
-    :math:`\theta = \max_k (\sum_{j \le k} a_{(j)} - r)/k` over the sorted magnitudes. Rows
-    already inside the ball are returned unchanged, and the result is idempotent: its computed
-    row sums never exceed ``radius``, even after rounding.
+    Exact Euclidean projection :math:`\arg\min_{\|v\|_1 \le r}\|v - w_i\|_2`: soft-thresholding
+    :math:`v = \operatorname{sign}(w)\max(|w| - \theta, 0)` with the threshold θ of
+    :math:`\sum_j (|w_j| - \theta)_+ = r`, found by Michelot's algorithm vectorized over rows
+    (:func:`_l1_threshold`). The gradient is that of
+    :math:`\theta = (\sum_{j \in S} |w_j| - r)/|S|` on the support ``S``, the same as through
+    the sorting algorithm's formula. Rows already inside the ball are returned unchanged, and
+    the result is idempotent: its row sums, computed in its dtype and in float64, never exceed
+    ``radius``, even after rounding.
 
     Example:
         >>> project_rows_l1(torch.tensor([[3., -1., 0.5], [0.25, 0.5, 0.]]))
-        tensor([[1.0000, -0.0000, 0.0000],
+        tensor([[1.0000, 0.0000, 0.0000],
                 [0.2500, 0.5000, 0.0000]])
     """
     _check_matrix(w)
     if not radius > 0:
         raise ValueError(f"radius must be positive, got {radius!r}")
     a = w.abs()
-    inside = a.sum(-1, keepdim=True) <= radius
-    s = a.sort(dim=-1, descending=True).values
-    k = torch.arange(1, w.shape[-1] + 1, dtype=w.dtype, device=w.device)
-    theta = ((s.cumsum(-1) - radius) / k).amax(-1, keepdim=True).clamp_min(0)
-    v = torch.sign(w) * (a - theta).clamp_min(0)
+    inside = _row_sums_within(a, radius)
+    if bool(inside.all()):
+        return w
+    with torch.no_grad():
+        theta = _l1_threshold(a.detach(), radius)
+    if torch.is_grad_enabled() and a.requires_grad:
+        support = a.detach() > theta
+        theta = (torch.where(support, a, 0).sum(-1, keepdim=True) - radius) / support.sum(-1, keepdim=True).clamp_min(1)
+    theta = theta.clamp_min(0)
+    v = w - torch.clamp(w, -theta, theta)  # = sign(w)(|w| − θ)_+
     # Rounding can leave a computed row sum a few ulps above the radius: shrink those rows
     # by a vanishing factor until the sum, computed exactly as above, is inside.
     eps = torch.finfo(w.dtype).eps
     for step in range(8):
-        total = v.abs().sum(-1, keepdim=True)
-        over = (total > radius) & ~inside
+        va = v.abs()
+        over = ~_row_sums_within(va, radius) & ~inside
         if not bool(over.any()):
             break
-        v = torch.where(over, v * (radius / total) * (1 - eps * 2**step), v)
-    return torch.where(inside, w, v)
+        v = torch.where(over, v * (radius / va.sum(-1, keepdim=True)) * (1 - eps * 2**step), v)
+    # Rows inside are w itself, with the identity as their gradient (zeros included).
+    return torch.where(inside, w, v) if bool(inside.any()) else v
+
+
+def _row_sums_within(a: torch.Tensor, radius: float) -> torch.Tensor:
+    """Rows of ``a ≥ 0`` whose sum is at most ``radius`` both in ``a``'s dtype and in float64
+    (the precision of the certificates' norms): one cheap pass each, no float64 copy."""
+    ok = a.sum(-1, keepdim=True) <= radius
+    if a.dtype != torch.float64:
+        ok &= a.sum(-1, keepdim=True, dtype=torch.float64) <= radius
+    return ok
 
 
 def operator_norm(w: torch.Tensor, p: float | str = 2) -> torch.Tensor:

@@ -97,7 +97,7 @@ def project_linf_(model: nn.Module, radius: float = 1.0) -> int:
         for m in layers:
             w = F.project_rows_l1(m.weight, r)
             for k in range(8):
-                over = w.to(torch.float64).abs().sum(-1, keepdim=True) > r
+                over = w.abs().sum(-1, keepdim=True, dtype=torch.float64) > r
                 if not bool(over.any()):
                     break
                 w = torch.where(over, w * (1 - torch.finfo(w.dtype).eps * 2 ** (k + 1)), w)

@@ -171,6 +171,37 @@ def test_project_rows_l1_matches_a_brute_force_solver():
         assert torch.allclose(p[i], torch.sign(w[i]) * (a - hi).clamp_min(0), atol=1e-12)
 
 
+def _project_rows_l1_by_sorting(w, radius):
+    # The sorting algorithm (Condat, 2016, Algorithm 1): θ = max_k (Σ_{j≤k} a_(j) − r)/k.
+    a = w.abs()
+    s = a.sort(dim=-1, descending=True).values
+    k = torch.arange(1, w.shape[-1] + 1, dtype=w.dtype)
+    theta = ((s.cumsum(-1) - radius) / k).amax(-1, keepdim=True).clamp_min(0)
+    return torch.where(a.sum(-1, keepdim=True) <= radius, w, torch.sign(w) * (a - theta).clamp_min(0))
+
+
+@pytest.mark.parametrize("case", ["ties", "equal rows", "one dominant", "sparse", "trained", "wide"])
+def test_project_rows_l1_agrees_with_the_sorting_algorithm(case):
+    # The threshold iteration and the sort give the same θ, on the inputs where an iteration
+    # could stall or cycle: repeated magnitudes, a support of one, zeros, rows just outside.
+    g = torch.Generator().manual_seed(3)
+    w = {
+        "ties": torch.randint(-3, 4, (64, 50), generator=g).to(DT) / 2,
+        "equal rows": torch.full((8, 100), -0.3, dtype=DT),
+        "one dominant": torch.cat([torch.full((16, 1), 5.0, dtype=DT), torch.rand(16, 30, generator=g, dtype=DT) * 1e-3], 1),
+        "sparse": torch.randn(32, 200, generator=g, dtype=DT) * (torch.rand(32, 200, generator=g, dtype=DT) < 0.05),
+        "trained": None,
+        "wide": torch.randn(4, 5000, generator=g, dtype=DT),
+    }[case]
+    if w is None:  # a projected matrix after a small update: most rows barely outside
+        p0 = _project_rows_l1_by_sorting(torch.randn(128, 256, generator=g, dtype=DT), 1.0)
+        w = p0 + 1e-4 * torch.randn(128, 256, generator=g, dtype=DT)
+    for radius in (0.5, 1.0, 7.0):
+        p, ref = F.project_rows_l1(w, radius), _project_rows_l1_by_sorting(w, radius)
+        assert torch.allclose(p, ref, rtol=0, atol=1e-12 * max(1.0, float(w.abs().max())))
+        assert (p.abs().sum(-1) <= radius).all()
+
+
 def test_project_rows_l1_gradient_is_the_identity_on_rows_inside_the_ball():
     # Zeros included: a free weight at 0 in a row inside the ball must still get its gradient.
     w = torch.tensor([[0.2, 0.0, -0.3], [2.0, 0.0, -1.0]], dtype=DT, requires_grad=True)

@@ -78,3 +78,28 @@ def test_input_gradient_norm_of_a_linear_net():
     x, y = _data(5)
     expected = net[1].weight[y].norm(dim=1)
     torch.testing.assert_close(xr.input_gradient_norms(net, x, y), expected.detach())
+
+
+def test_robust_models_keeps_the_order_asked_and_names_unknown_ones():
+    assert list(xr.robust_models(["relu", "maxmin_linf"])) == ["relu", "maxmin_linf"]
+    with pytest.raises(ValueError, match=r"unknown robust network\(s\) \['maxmin'\]; choose from"):
+        xr.robust_models(["maxmin"])
+
+
+def test_a6_and_a10_results_leave_out_what_a_run_did_not_train():
+    import pandas as pd
+
+    runs = {("relu", None): None, ("maxmin", "bjorck"): None}
+    out = xr.a6_results(runs, pd.DataFrame({"test acc": [0.9, 0.85]}))
+    assert out == pytest.approx({"a6.relu.standard.acc": 0.9, "a6.maxmin.bjorck.acc": 0.85,
+                                 "a6.gap.maxmin_bjorck": 0.05})
+    assert xr.a6_results({}, pd.DataFrame({"test acc": []})) == {}
+    t = torch.linspace(0, 1, 50, dtype=torch.float64)
+    undead = {"ReLU, standard": torch.full((50, 3), 0.2, dtype=torch.float64),
+              "ReLU, Björck": torch.full((50, 3), 0.5, dtype=torch.float64)}
+    grads = {"ReLU, standard": torch.tensor([2.0]), "ReLU, Björck": torch.tensor([0.5])}
+    out = xr.a10_results(undead, grads, t)
+    assert out == pytest.approx({"a10.undead_t0.9.relu.standard": 0.2, "a10.gradnorm_mean.relu.standard": 2.0,
+                                 "a10.undead_t0.9.relu.bjorck": 0.5, "a10.gradnorm_mean.relu.bjorck": 0.5,
+                                 "a10.undead_t0.9.bjorck_minus_standard.relu": 0.3})
+    assert xr.a10_results({}, {}, t) == {}

@@ -67,9 +67,15 @@ def load_results(results_root: str | Path) -> dict[str, dict[str, dict]]:
 
 
 def _cell(text: str) -> str:
-    # A minus sign, not a hyphen, in exponents: browsers break lines after a hyphen (8.882e-
-    # / 16), never after U+2212.
-    text = re.sub(r"(?<=\de)-(?=\d)", "\u2212", " ".join(str(text).split()))
+    r"""A Markdown table cell: one line, pipes escaped, minus signs as U+2212.
+
+    Example:
+        >>> _cell("≥ -1.000e-12 | A1-relu, 0.1-0.3, -.5")
+        '≥ −1.000e−12 \\| A1-relu, 0.1-0.3, −.5'
+    """
+    # A minus sign, not a hyphen, in exponents and before negative numbers: browsers break
+    # lines after a hyphen (8.882e- / 16), never after U+2212, and -1.1e−16 would mix the two.
+    text = re.sub(r"(?<=\de)-(?=\d)|(?<![\w.])-(?=\.?\d)", "\u2212", " ".join(str(text).split()))
     return text.replace("|", "\\|")
 
 

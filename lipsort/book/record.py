@@ -275,3 +275,11 @@ def glue_text(name: str, text) -> None:
     from myst_nb import glue
 
     glue(name, Markdown(str(text)), display=False)
+
+
+def glue_result(name: str, results: dict, key: str, fmt="{}") -> None:
+    """:func:`glue_text` of ``results[key]`` formatted by ``fmt`` (a format string or a callable),
+    or "not measured in this run" when a run's parameters left that result out."""
+    if key not in results:
+        return glue_text(name, "not measured in this run")
+    glue_text(name, fmt(results[key]) if callable(fmt) else fmt.format(results[key]))

@@ -207,8 +207,10 @@ def plan(
 
 def _clean_metadata(path: Path) -> None:
     """Drop timings and machine paths that papermill/nbclient store in the notebook metadata
-    (timings belong to ``book/status.md``); keep the parameters. Papermill's injected-parameters
-    cell gets the ``hide-cell`` tag: the book collapses it like the ``parameters`` cell."""
+    (timings belong to ``book/status.md``); keep the parameters, and record the CPU model that
+    executed it (``lipsort.cpu``: goldens compare exactly only there, see :mod:`.golden`).
+    Papermill's injected-parameters cell gets the ``hide-cell`` tag: the book collapses it like
+    the ``parameters`` cell."""
     import nbformat
 
     if not path.is_file():
@@ -216,6 +218,7 @@ def _clean_metadata(path: Path) -> None:
     nb = nbformat.read(path, as_version=4)
     pm = nb.metadata.get("papermill", {})
     nb.metadata["papermill"] = {k: pm[k] for k in ("parameters", "default_parameters") if k in pm}
+    nb.metadata["lipsort"] = {"cpu": prov.cpu_name()}
     for cell in nb.cells:
         cell.metadata.pop("papermill", None)
         cell.metadata.pop("execution", None)

@@ -31,8 +31,11 @@ from ..optim import AggMo, project_linf_
 from ..training import Schedule, evaluate, fit
 
 __all__ = [
+    "A10_NETS",
     "LABELS",
     "ROBUST_MODELS",
+    "a10_results",
+    "a6_results",
     "a6_table",
     "build",
     "input_gradient_norms",
@@ -41,6 +44,7 @@ __all__ = [
     "plot_curves",
     "plot_gradient_norms",
     "plot_undead",
+    "robust_models",
     "robustness_curves",
     "tightness_table",
     "time_step",
@@ -58,6 +62,9 @@ ROBUST_MODELS = {
     "relu": ("relu", "standard"),  # A9
     "relu_pgd": ("relu", "pgd"),  # A9
 }
+#: The A10 networks, a subset of the A6 ones: label -> (activation, linear constraint).
+A10_NETS = {"ReLU, standard": ("relu", None), "ReLU, Björck": ("relu", "bjorck"),
+            "GroupSort, Björck": ("groupsort", "bjorck")}
 ROBUST_LABELS = {"maxmin_linf": "MaxMin, ℓ∞ + hinge (A8)", "relu_linf": "ReLU, ℓ∞ + hinge",
                  "relu": "ReLU, standard (A9)", "relu_pgd": "ReLU, PGD-trained (A9)"}
 
@@ -263,6 +270,25 @@ def a6_table(runs: dict, test_data, n_check: int, check_steps: int = 50):
     return pd.DataFrame(rows)
 
 
+def a6_results(runs: dict, table) -> dict:
+    """The ledger's A6 numbers from :func:`a6_table`: each network's test accuracy, and the gaps
+    of the Björck MaxMin and GroupSort networks to the standard ReLU one when all were trained."""
+    out = {f"a6.{act}.{con or 'standard'}.acc": float(acc) for acc, (act, con) in zip(table["test acc"], runs)}
+    ref = out.get("a6.relu.standard.acc")
+    for act in ("maxmin", "groupsort"):
+        if ref is not None and f"a6.{act}.bjorck.acc" in out:
+            out[f"a6.gap.{act}_bjorck"] = ref - out[f"a6.{act}.bjorck.acc"]
+    return out
+
+
+def robust_models(names) -> dict:
+    """The A8/A9 networks named by ``names`` (keys of :data:`ROBUST_MODELS`), in that order."""
+    unknown = [n for n in names if n not in ROBUST_MODELS]
+    if unknown:
+        raise ValueError(f"unknown robust network(s) {unknown}; choose from {list(ROBUST_MODELS)}")
+    return {n: ROBUST_MODELS[n] for n in names}
+
+
 def robustness_curves(models: dict, test_data, eps_grid, n_eval: int, steps: int = 40, per_point_steps: int = 100):
     r"""Clean, certified and attack accuracy over ``eps_grid`` (ℓ∞, pixels in [0, 1]).
 
@@ -331,6 +357,26 @@ def undead_rates(model: nn.Module, x: torch.Tensor, thresholds) -> torch.Tensor:
     rates = [(a > 0).to(F64).mean(0) for a in _hidden_activations(model, x)]
     t = torch.as_tensor(thresholds, dtype=F64)
     return torch.stack([(r[None, :] >= t[:, None]).to(F64).mean(1) for r in rates], dim=1)
+
+
+def a10_results(undead: dict, grads: dict, thresholds) -> dict:
+    """The ledger's A10 numbers for the :data:`A10_NETS` trained: the mean fraction of units on for
+    at least 90% of the inputs, the mean gradient norm, and their differences between networks."""
+    keys = {"ReLU, standard": "relu.standard", "ReLU, Björck": "relu.bjorck",
+            "GroupSort, Björck": "groupsort.bjorck"}
+    i90 = int((thresholds >= 0.9).nonzero()[0])
+    out = {}
+    for name, key in keys.items():
+        if name in undead:
+            out[f"a10.undead_t0.9.{key}"] = float(undead[name][i90].mean())
+            out[f"a10.gradnorm_mean.{key}"] = float(grads[name].mean())
+    if {"GroupSort, Björck", "ReLU, Björck"} <= undead.keys():
+        out["a10.gradnorm.groupsort_minus_relu.bjorck"] = (
+            out["a10.gradnorm_mean.groupsort.bjorck"] - out["a10.gradnorm_mean.relu.bjorck"])
+    if {"ReLU, Björck", "ReLU, standard"} <= undead.keys():
+        out["a10.undead_t0.9.bjorck_minus_standard.relu"] = (
+            out["a10.undead_t0.9.relu.bjorck"] - out["a10.undead_t0.9.relu.standard"])
+    return out
 
 
 def plot_undead(rates: dict, thresholds):

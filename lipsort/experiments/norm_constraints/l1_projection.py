@@ -20,7 +20,7 @@ def project_rows_l1_bisection(w: Tensor, radius: float = 1.0, n_bisect: int = 20
     The projection of a row outside the ball is :math:`\operatorname{sign}(w)(|w| - \theta)_+`
     with :math:`\sum_j (|w_j| - \theta)_+ = r`, a decreasing function of θ on
     :math:`[0, \max_j |w_j|]`: bisection finds θ to machine precision, independently of the
-    sorting algorithm of :func:`lipsort.functional.project_rows_l1`.
+    Newton (Michelot) iteration of :func:`lipsort.functional.project_rows_l1`.
 
     Example:
         >>> project_rows_l1_bisection(torch.tensor([[3., -1., 0.5]], dtype=torch.float64))
