@@ -93,7 +93,8 @@ def test_a6_and_a10_results_leave_out_what_a_run_did_not_train():
     out = xr.a6_results(runs, pd.DataFrame({"test acc": [0.9, 0.85]}))
     assert out == pytest.approx({"a6.relu.standard.acc": 0.9, "a6.maxmin.bjorck.acc": 0.85,
                                  "a6.gap.maxmin_bjorck": 0.05})
-    assert xr.a6_results({}, pd.DataFrame({"test acc": []})) == {}
+    empty = xr.a6_table({}, (torch.zeros(0, 784), torch.zeros(0, dtype=torch.long)), n_check=1)
+    assert xr.a6_results({}, empty) == {} and "seconds/epoch" in empty.columns
     t = torch.linspace(0, 1, 50, dtype=torch.float64)
     undead = {"ReLU, standard": torch.full((50, 3), 0.2, dtype=torch.float64),
               "ReLU, Björck": torch.full((50, 3), 0.5, dtype=torch.float64)}
@@ -103,3 +104,10 @@ def test_a6_and_a10_results_leave_out_what_a_run_did_not_train():
                                  "a10.undead_t0.9.relu.bjorck": 0.5, "a10.gradnorm_mean.relu.bjorck": 0.5,
                                  "a10.undead_t0.9.bjorck_minus_standard.relu": 0.3})
     assert xr.a10_results({}, {}, t) == {}
+
+
+def test_curve_results_keep_every_epochs_test_accuracy():
+    from types import SimpleNamespace
+
+    runs = {"relu": SimpleNamespace(history={"epoch": [1, 2], "eval_acc": [0.5, 0.75]})}
+    assert xr.curve_results("mnist", runs) == {"mnist.relu.test_acc.e001": 0.5, "mnist.relu.test_acc.e002": 0.75}

@@ -37,12 +37,14 @@ __all__ = [
     "a10_results",
     "a6_results",
     "a6_table",
+    "curve_results",
     "build",
     "input_gradient_norms",
     "load_split",
     "normalization_check",
     "plot_curves",
     "plot_gradient_norms",
+    "plot_training",
     "plot_undead",
     "robust_models",
     "robustness_curves",
@@ -267,7 +269,8 @@ def a6_table(runs: dict, test_data, n_check: int, check_steps: int = 50):
                      "test acc": acc, "L bound": rep["lipschitz"],
                      "median radius": float(rep["radius"].clamp_min(0).median()),
                      "seconds/epoch": sum(result.history["seconds"]) / max(len(result.history["seconds"]), 1)})
-    return pd.DataFrame(rows)
+    columns = ["linear", "activation", "norm", "test acc", "L bound", "median radius", "seconds/epoch"]
+    return pd.DataFrame(rows, columns=columns)  # the columns even when a run trained no A6 network
 
 
 def a6_results(runs: dict, table) -> dict:
@@ -312,6 +315,31 @@ def robustness_curves(models: dict, test_data, eps_grid, n_eval: int, steps: int
             rows.append({"model": name, "eps": e, "clean": clean, "certified": c, "attack": a,
                          "L": rep["lipschitz"]})
     return pd.DataFrame(rows)
+
+
+def curve_results(prefix: str, runs: dict) -> dict:
+    """Each run's test accuracy after every epoch, as ``{prefix}.{name}.test_acc.e{epoch:03d}``:
+    the accuracy-against-epoch curves that a results file keeps (checkpoints may not be kept)."""
+    return {f"{prefix}.{name}.test_acc.e{e:03d}": float(acc)
+            for name, run in runs.items() for e, acc in zip(run.history["epoch"], run.history["eval_acc"])}
+
+
+def plot_training(runs_by_dataset: dict):
+    """Test accuracy against epoch of each A8/A9 network (:func:`train` results), a panel per
+    dataset (keys ``"mnist"``, ``"fashion_mnist"``)."""
+    import matplotlib.pyplot as plt
+
+    titles = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}
+    fig, axes = plt.subplots(1, len(runs_by_dataset), figsize=(5.2 * len(runs_by_dataset), 3.4), squeeze=False)
+    colors = dict(zip(ROBUST_MODELS, ("C0", "C1", "C2", "C3")))
+    for ax, (dataset, runs) in zip(axes[0], runs_by_dataset.items()):
+        for name, run in runs.items():
+            ax.plot(run.history["epoch"], run.history["eval_acc"], "-o", ms=2, color=colors.get(name, "k"),
+                    label=ROBUST_LABELS.get(name, name))
+        ax.set(title=titles.get(dataset, dataset), xlabel="epoch", ylabel="test accuracy")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig
 
 
 def plot_curves(curves_by_dataset: dict):
