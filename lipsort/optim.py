@@ -58,7 +58,9 @@ def project_linf_(model: nn.Module, radius: float = 1.0) -> int:
     free weight and differentiates *through* the projection at every forward pass. Here the
     forward pass is a plain linear map and the constraint costs one projection per step.
 
-    Rows already inside the ball are unchanged. The row sums are checked in float64 — as
+    Rows already inside the ball are unchanged (the authors' ``project_on_linf_ball`` applies
+    Condat's threshold to them too, a negative one, which moves them out onto the sphere
+    :math:`\|w_i\|_1 = r`). The row sums are checked in float64 — as
     :func:`lipsort.certify.lipschitz_upper_bound` measures them — and a row a rounding error
     above ``r`` is shrunk by a few ulps, so every layer's bound is at most ``r`` exactly.
     Parametrized ``nn.Linear`` layers are skipped: their constraint is their parametrization's.

@@ -111,3 +111,20 @@ def test_curve_results_keep_every_epochs_test_accuracy():
 
     runs = {"relu": SimpleNamespace(history={"epoch": [1, 2], "eval_acc": [0.5, 0.75]})}
     assert xr.curve_results("mnist", runs) == {"mnist.relu.test_acc.e001": 0.5, "mnist.relu.test_acc.e002": 0.75}
+
+
+def test_rows_inside_ball_counts_rows_strictly_inside_after_the_projection():
+    from lipsort.optim import project_linf_
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    with torch.no_grad():
+        for m in (net[0], net[2]):
+            m.weight.mul_(10)
+    project_linf_(net)  # every row is outside: all land on the sphere
+    assert xr.rows_inside_ball(net) == 0.0
+    with torch.no_grad():
+        net[0].weight[:2] *= 0.5
+    assert xr.rows_inside_ball(net) == pytest.approx(2 / 6)
+    with pytest.raises(ValueError, match="no plain nn.Linear"):
+        xr.rows_inside_ball(torch.nn.ReLU())

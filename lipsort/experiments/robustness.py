@@ -47,6 +47,7 @@ __all__ = [
     "plot_training",
     "plot_undead",
     "robust_models",
+    "rows_inside_ball",
     "robustness_curves",
     "tightness_table",
     "time_step",
@@ -241,6 +242,23 @@ def train(name: str, model: nn.Module, method: str, train_data, test_data, *, ep
     return fit(model, opt, loss, loader(train_data, batch_size, seed=seed), epochs,
                eval_data=loader(test_data, 1000, shuffle=False), schedule=_milestones(milestones),
                checkpoint=path, device=device, desc=name, progress=progress, **kwargs)
+
+
+def rows_inside_ball(model: nn.Module, radius: float = 1.0, rtol: float = 1e-6) -> float:
+    r"""Fraction of the rows of ``model``'s plain ``nn.Linear`` weights strictly inside the ℓ1
+    ball, :math:`\|w_i\|_1 < (1 - \text{rtol})\,r` (float64 sums).
+
+    After :func:`lipsort.optim.project_linf_` these rows are the weights of the last update
+    itself: the exact projection leaves them alone, while the authors' projection (LNets
+    ``project_on_linf_ball``) applies Condat's threshold to every row, a negative one, :math:`(s -
+    r)/n`, for a row of norm :math:`s < r`, which moves it out onto the sphere :math:`\|w\|_1 = r`.
+    """
+    sums = [m.weight.detach().abs().sum(-1, dtype=torch.float64) for m in model.modules()
+            if type(m) is nn.Linear and not hasattr(m, "parametrizations")]
+    if not sums:
+        raise ValueError("rows_inside_ball: the model has no plain nn.Linear layer")
+    rows = torch.cat(sums)
+    return float((rows < (1 - rtol) * radius).to(F64).mean())
 
 
 # ---------------------------------------------------------------------------------------------
