@@ -496,7 +496,8 @@ def project_rows_l1(w: torch.Tensor, radius: float = 1.0) -> torch.Tensor:
 
 def _row_sums_within(a: torch.Tensor, radius: float) -> torch.Tensor:
     """Rows of ``a ≥ 0`` whose sum is at most ``radius`` both in ``a``'s dtype and in float64
-    (the precision of the certificates' norms): one cheap pass each, no float64 copy."""
+    (the precision of the certificates' norms). The float64 sum converts ``a`` internally: on a
+    1024×1024 float32 matrix it costs about 7 times the float32 one."""
     ok = a.sum(-1, keepdim=True) <= radius
     if a.dtype != torch.float64:
         ok &= a.sum(-1, keepdim=True, dtype=torch.float64) <= radius
