@@ -473,7 +473,7 @@ def project_rows_l1(w: torch.Tensor, radius: float = 1.0) -> torch.Tensor:
     a = w.abs()
     inside = _row_sums_within(a, radius)
     if bool(inside.all()):
-        return w
+        return w.clone()  # a new tensor, as when a row moves: callers may cache or detach it
     with torch.no_grad():
         theta = _l1_threshold(a.detach(), radius)
     if torch.is_grad_enabled() and a.requires_grad:

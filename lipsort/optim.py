@@ -43,7 +43,14 @@ from torch.nn.utils import parametrize
 from . import functional as F
 from ._checks import check_positive
 
-__all__ = ["AggMo", "project_linf_"]
+__all__ = ["AggMo", "plain_linears", "project_linf_"]
+
+
+def plain_linears(model: nn.Module) -> list[nn.Linear]:
+    """The ``nn.Linear`` layers of ``model`` whose weight has no parametrization: those that
+    :func:`project_linf_` constrains (a parametrized weight is constrained already)."""
+    return [m for m in model.modules() if isinstance(m, nn.Linear) and not parametrize.is_parametrized(m, "weight")]
+
 def project_linf_(model: nn.Module, radius: float = 1.0) -> int:
     r"""Project the rows of every plain ``nn.Linear`` weight onto the ℓ1 ball, in place.
 
@@ -85,11 +92,7 @@ def project_linf_(model: nn.Module, radius: float = 1.0) -> int:
         [True, True]
     """
     r = check_positive(radius, "radius")
-    layers = [
-        m
-        for m in model.modules()
-        if isinstance(m, nn.Linear) and not parametrize.is_parametrized(m, "weight")
-    ]
+    layers = plain_linears(model)
     if not layers:
         raise ValueError(
             f"project_linf_ found no unparametrized nn.Linear in {type(model).__name__}; layers "

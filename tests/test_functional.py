@@ -202,6 +202,20 @@ def test_project_rows_l1_agrees_with_the_sorting_algorithm(case):
         assert (p.abs().sum(-1) <= radius).all()
 
 
+def test_project_rows_l1_float32_row_sums_are_inside_in_float64_too():
+    # In float32 a soft-thresholded row's float64 sum can be a few ulps above the radius,
+    # which the certificates (float64 norms) would see: the result must be inside in both.
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(1024, 784, generator=g) * 0.05
+    p = F.project_rows_l1(w, 1.0)
+    q = F.project_rows_l1(p + 1e-4 * torch.randn(1024, 784, generator=g), 1.0)  # an update later
+    for m in (p, q):
+        assert m.dtype == torch.float32
+        assert (m.abs().sum(-1) <= 1.0).all()
+        assert (m.abs().to(torch.float64).sum(-1) <= 1.0).all()
+        assert (m.abs().to(torch.float64).sum(-1) > 1.0 - 1e-4).all()  # projected onto the sphere
+
+
 def test_project_rows_l1_gradient_is_the_identity_on_rows_inside_the_ball():
     # Zeros included: a free weight at 0 in a row inside the ball must still get its gradient.
     w = torch.tensor([[0.2, 0.0, -0.3], [2.0, 0.0, -1.0]], dtype=DT, requires_grad=True)

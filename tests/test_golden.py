@@ -31,7 +31,8 @@ def write_golden(folder: Path, name: str, source: str, stored: str, cpu: str | N
 @pytest.mark.parametrize(("text", "masked"), [
     ("acc 0.668, L 1.0000008", "acc #, L #"),
     ("<td>-6.248e−09</td><td>97.29</td>", "<td>#</td><td>#</td>"),
-    ("eps0.3 at step 12 of 200", "eps# at step # of #"),
+    ("eps0.3 at step 12 of 200, A8 e001", "eps0.3 at step # of #, A8 e001"),  # names keep their digits
+    ("(0.5) [1e-3] x=-2.", "(#) [#] x=#."),
     ("  0.9   ≥ 0.95  holds", " # ≥ # holds"),  # a text table padded to another width
 ])
 def test_mask_numbers(text, masked):
@@ -53,6 +54,8 @@ def test_numbers_compare_exactly_on_the_goldens_cpu_and_masked_elsewhere(tmp_pat
     write_golden(tmp_path, "number", "print('acc', 0.25 + 0.5)", "acc 0.7501\n", "another CPU")
     assert golden.main(args) == 0
     assert "number.ipynb was written on 'another CPU'" in capsys.readouterr().err
+    assert golden.main([*args, "--exact"]) == 1  # --exact refuses to mask
+    assert "--exact, but this CPU is" in capsys.readouterr().err
     write_golden(tmp_path, "word", "print('acc', 0.75)", "loss 0.75\n", "another CPU")
     assert golden.main(args) != 0
     (tmp_path / "word.ipynb").unlink()

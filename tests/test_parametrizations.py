@@ -496,6 +496,19 @@ def test_eval_mode_input_gradients_flow_weight_detached():
     torch.testing.assert_close(x.grad, expected, rtol=1e-12, atol=1e-12)
 
 
+def test_linf_eval_cache_is_detached_when_every_row_is_inside_the_ball():
+    # The projection returns the rows unchanged then; the cache must still not be the parameter.
+    layer = linf_projected(nn.Linear(4, 3, dtype=F64))
+    with torch.no_grad():
+        original(layer).copy_(torch.full((3, 4), 0.1, dtype=F64))
+    layer.eval()
+    w = layer.weight
+    assert w is not original(layer) and not w.requires_grad
+    assert torch.equal(w, original(layer))
+    layer(torch.randn(2, 4, dtype=F64)).sum().backward()
+    assert original(layer).grad is None
+
+
 def test_eval_cache_not_copied_or_pickled():
     torch.manual_seed(15)
     layer = bjorck_orthonormal(nn.Linear(5, 5)).eval()

@@ -84,6 +84,8 @@ def test_robust_models_keeps_the_order_asked_and_names_unknown_ones():
     assert list(xr.robust_models(["relu", "maxmin_linf"])) == ["relu", "maxmin_linf"]
     with pytest.raises(ValueError, match=r"unknown robust network\(s\) \['maxmin'\]; choose from"):
         xr.robust_models(["maxmin"])
+    with pytest.raises(ValueError, match="needs at least one"):
+        xr.robust_models([])
 
 
 def test_a6_and_a10_results_leave_out_what_a_run_did_not_train():

@@ -125,6 +125,38 @@ class KeyNumbers:
         )
 
 
+def _series_rows(rows: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    """Consecutive rows ``<key>.e001, <key>.e002, …`` (a quantity after every epoch) as one row
+    with the first and last values: the results file keeps every value, the display a line.
+
+    Example:
+        >>> _series_rows((("a", "1"), ("c.e001", "0.5"), ("c.e002", "0.6"), ("c.e003", "0.7")))
+        (('a', '1'), ('c.e001…e003', '0.5 → 0.7 (3 values)'))
+    """
+    out: list[tuple[str, str]] = []
+    run: list[tuple[str, str, str]] = []  # (prefix, suffix, value) of the series being read
+
+    def close():
+        if len(run) >= 3:
+            out.append((f"{run[0][0]}.e{run[0][1]}…e{run[-1][1]}", f"{run[0][2]} → {run[-1][2]} ({len(run)} values)"))
+        else:
+            out.extend((f"{p}.e{e}", v) for p, e, v in run)
+        run.clear()
+
+    for key, value in rows:
+        m = re.fullmatch(r"(.+)\.e(\d+)", key)
+        if m and (not run or run[0][0] == m[1]):
+            run.append((m[1], m[2], value))
+            continue
+        close()
+        if m:
+            run.append((m[1], m[2], value))
+        else:
+            out.append((key, value))
+    close()
+    return tuple(out)
+
+
 def _show(report: KeyNumbers) -> None:
     """Display ``report`` in a notebook (Markdown and plain text), print it elsewhere."""
     try:
@@ -224,7 +256,7 @@ def finish(
     decimals: dict[str, int] = {}
     for c in claims:
         decimals[c.key] = max(decimals.get(c.key, 0), c.decimals)
-    rows = tuple((k, format_value(v, decimals.get(k))) for k, v in results.items())
+    rows = _series_rows(tuple((k, format_value(v, decimals.get(k))) for k, v in results.items()))
 
     failed, statuses, crow = [], {}, []
     for c in claims:
