@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from . import _polar
+from . import _native, _polar
 
 __all__ = [
     "group_sort",
@@ -162,6 +162,51 @@ class _CompareExchange(torch.autograd.Function):
         return outputs, (0,) * len(outputs)
 
 
+class _FusedPairs(torch.autograd.Function):
+    """MaxMin of a contiguous CPU float tensor in one pass each way (:mod:`lipsort._native`).
+
+    The eager path of :func:`group_sort` with pairs: the same result, mask and tie-safe
+    derivative as :class:`_CompareExchange`, without its grouped view, per-call signature
+    binding and Python routing, which cost more than the arithmetic on a (256, 1024) batch.
+    Double backward, batched gradients and forward-mode tangents take :func:`_route`.
+    """
+
+    @staticmethod
+    def forward(ctx, x, plan):
+        y, keep = _native.compare_exchange(x, plan)
+        ctx.mark_non_differentiable(keep)
+        ctx.save_for_backward(keep)
+        ctx.plan, ctx.keep = plan, keep  # keep for jvp: cheaper than save_for_forward
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (keep,) = ctx.saved_tensors
+        if torch.is_grad_enabled() or not grad.is_contiguous() or not _unwrapped(grad):
+            return _FusedPairs.jvp(ctx, grad), None  # a swap is its own transpose
+        return _native.route(grad, keep, ctx.plan), None
+
+    @staticmethod
+    def jvp(ctx, tangent, *_):
+        keep, p = ctx.keep, ctx.plan  # a pair's swap is its own inverse: the same routing both ways
+        return _route(tangent.reshape(p.grouped_shape), p.gdim, ((0, 1),), (keep,)).reshape(tangent.shape)
+
+
+def _fused_pairs(x: torch.Tensor, dim: int) -> torch.Tensor | None:
+    """MaxMin through :class:`_FusedPairs` where its kernels apply (eager, contiguous CPU
+    float32/64), else None."""
+    if (
+        type(x) is not torch.Tensor
+        or x.device.type != "cpu"
+        or not x.is_contiguous()
+        or torch._C._are_functorch_transforms_active()
+        or torch._C._functorch.is_legacy_batchedtensor(x)
+    ):
+        return None
+    plan = _native.plan(x.shape, dim, x.dtype)
+    return None if plan is None else super(torch.autograd.Function, _FusedPairs).apply(x, plan)
+
+
 # Sorting networks (Knuth, TAOCP 5.3.4), largest first: slot i gets the max. Only pairs go
 # through one: for groups of 4 the five compare-exchanges on strided slices measured slower
 # than torch.sort on this CPU build (python -m lipsort.bench groupsort), though exact too.
@@ -196,6 +241,10 @@ def group_sort(x: torch.Tensor, group_size: int, dim: int = 1) -> torch.Tensor:
                 [0., 1.]])
     """
     _check_tensor(x)
+    if group_size == 2:
+        y = _fused_pairs(x, dim)
+        if y is not None:
+            return y
     grouped, gdim = _grouped(x, group_size, dim)
     if group_size in _NETWORKS:
         return _CompareExchange.apply(grouped, gdim, _NETWORKS[group_size])[0].reshape(x.shape)

@@ -383,13 +383,15 @@ def test_max_min_under_vmap_is_the_compare_exchange_on_the_whole_batch(compare_e
     x = _random((6, 4, 3), seed=40)
     x[1] = 0.0  # exact ties
     out = torch.func.vmap(lambda v: F.max_min(v, 0), in_dims=in_dim, out_dims=in_dim)(x)
-    loop = torch.stack([F.max_min(v, 0) for v in x.unbind(in_dim)], in_dim)
+    loop = torch.stack([F.max_min(v.contiguous(), 0) for v in x.unbind(in_dim)], in_dim)
     assert torch.equal(out, loop)
     # The vmap rule moves the batch first and runs the Function once, on plain tensors.
     per_sample = [n for d, n in enumerate(x.shape) if d != in_dim]
     batch = (x.shape[in_dim], per_sample[0] // 2, 2, *per_sample[1:])
     assert compare_exchange_calls[0] == (batch, 2, False)
-    assert len(compare_exchange_calls) == 1 + x.shape[in_dim]  # vmap, then the loop
+    # vmap, then the loop, whose eager calls take the fused kernels where they are built.
+    eager = 0 if F._native.kernels(x.dtype) else x.shape[in_dim]
+    assert len(compare_exchange_calls) == 1 + eager
 
 
 def test_max_min_jacobians_under_transforms_are_the_tie_safe_permutation(compare_exchange_calls):

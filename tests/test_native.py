@@ -1,0 +1,148 @@
+"""The fused MaxMin kernels (lipsort._native) against the PyTorch compare-exchange path."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lipsort import _native
+from lipsort import functional as F
+
+pytestmark = pytest.mark.skipif(_native.kernels(torch.float32) is None, reason="no C compiler")
+
+
+@pytest.fixture
+def torch_path(monkeypatch):
+    """Call ``fn`` with the fused kernels switched off (the PyTorch compare-exchange path)."""
+
+    def run(fn):
+        monkeypatch.setattr(_native, "ENABLED", False)
+        try:
+            return fn()
+        finally:
+            monkeypatch.setattr(_native, "ENABLED", True)
+
+    return run
+
+
+def _both(x, dim, grad, torch_path):
+    """(output, input gradient) of max_min on the fused and on the PyTorch path."""
+
+    def run():
+        leaf = x.clone().requires_grad_()
+        out = F.max_min(leaf, dim)
+        (g,) = torch.autograd.grad(out, leaf, grad)
+        return out.detach(), g
+
+    return run(), torch_path(run)
+
+
+def _spy(monkeypatch):
+    calls = []
+    forward = _native.compare_exchange
+    monkeypatch.setattr(_native, "compare_exchange", lambda *a: calls.append(a[1]) or forward(*a))
+    return calls
+
+
+CASES = [
+    ((256, 1024), 1),  # an MLP batch: adjacent pairs, split over threads
+    ((7, 6), 1),
+    ((3, 10), -1),
+    ((64, 8, 5, 5), 1),  # images: pairs of channels, rows of 25 pixels
+    ((2, 4, 3, 6), 3),
+    ((2, 4, 3, 6), 0),
+    ((0, 6), 1),
+    ((6,), 0),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape,dim", CASES)
+def test_fused_max_min_equals_the_pytorch_path(shape, dim, dtype, torch_path, monkeypatch):
+    g = torch.Generator().manual_seed(sum(shape) + dim)
+    x = torch.randn(shape, generator=g, dtype=dtype).round(decimals=1)  # many exact ties
+    grad = torch.randn(shape, generator=g, dtype=dtype)
+    calls = _spy(monkeypatch)
+    (out, gx), (ref_out, ref_gx) = _both(x, dim, grad, torch_path)
+    assert len(calls) == 1  # the fused run took the kernels, the reference did not
+    assert torch.equal(out, ref_out) and torch.equal(gx, ref_gx)
+    assert out.dtype == dtype and out.shape == x.shape
+
+
+def test_fused_max_min_is_a_permutation_of_each_pair_at_ties_and_propagates_nan(torch_path):
+    x = torch.tensor([[2.0, 2.0, -1.0, 3.0, float("nan"), 1.0, 4.0, float("nan"), float("inf"), -float("inf")]])
+    grad = torch.arange(1.0, 11.0).reshape(1, 10)
+    (out, gx), (ref_out, ref_gx) = _both(x, 1, grad, torch_path)
+    nan = float("nan")
+    expected = torch.tensor([[2.0, 2.0, 3.0, -1.0, nan, nan, nan, nan, float("inf"), -float("inf")]])
+    assert torch.equal(out.nan_to_num(), expected.nan_to_num()) and out.isnan().equal(expected.isnan())
+    assert torch.equal(out.nan_to_num(), ref_out.nan_to_num())
+    # a tie keeps its order: each gradient entry goes back to exactly one input
+    assert gx.tolist() == [[1.0, 2.0, 4.0, 3.0, 6.0, 5.0, 8.0, 7.0, 9.0, 10.0]] == ref_gx.tolist()
+
+
+def test_fused_max_min_does_not_depend_on_the_thread_count():
+    x = torch.randn(64, 4096, generator=torch.Generator().manual_seed(3))
+    grad = torch.randn_like(x)
+    outs = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            leaf = x.clone().requires_grad_()
+            out = F.max_min(leaf)
+            outs.append((out.detach(), torch.autograd.grad(out, leaf, grad)[0]))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for o in outs[1:] for a, b in zip(o, outs[0]))
+
+
+def test_fused_path_gradchecks_and_double_backward():
+    x = torch.randn(3, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    assert torch.autograd.gradcheck(F.max_min, (x.requires_grad_(),), check_batched_grad=True)
+    assert torch.autograd.gradgradcheck(F.max_min, (x,))
+    with torch.autograd.forward_ad.dual_level():
+        tangent = torch.randn_like(x)
+        dual = torch.autograd.forward_ad.make_dual(x.detach(), tangent)
+        jvp = torch.autograd.forward_ad.unpack_dual(F.max_min(dual)).tangent
+    assert torch.equal(jvp, torch.func.jvp(F.max_min, (x.detach(),), (tangent,))[1])
+
+
+def test_other_inputs_keep_the_pytorch_path(monkeypatch):
+    calls = _spy(monkeypatch)
+    x = torch.randn(4, 8, 3)
+    assert torch.equal(F.max_min(x.transpose(0, 2), 1), F.max_min(x.transpose(0, 2).contiguous(), 1))
+    F.max_min(torch.randn(4, 8, dtype=torch.float16))
+    F.max_min(torch.randn(4, 8, dtype=torch.bfloat16))
+    assert len(calls) == 1  # only the contiguous float32 call
+    with pytest.raises(ValueError, match="group_size=2 does not divide the 5 units"):
+        F.max_min(torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="out of range"):
+        F.max_min(torch.zeros(2, 4), dim=3)
+
+
+def test_a_failed_build_falls_back_with_a_warning_that_names_the_compiler(tmp_path):
+    code = (
+        "import torch, warnings\n"
+        "warnings.simplefilter('always')\n"
+        "from lipsort import functional as F\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    y = F.max_min(torch.tensor([[1., 3.]]))\n"
+        "print(y.tolist(), [str(x.message) for x in w])\n"
+    )
+    env = {"CC": "no-such-compiler", "LIPSORT_CACHE": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "[[3.0, 1.0]]" in done.stdout
+    assert "no C compiler found (tried 'no-such-compiler'; set $CC)" in done.stdout
+
+
+def test_the_build_is_cached_per_machine(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIPSORT_CACHE", str(tmp_path))
+    first = _native._build()
+    built = list((tmp_path / "native").glob("compare_exchange-*.so"))
+    assert len(built) == 1
+    mtime = built[0].stat().st_mtime_ns
+    second = _native._build()
+    assert built[0].stat().st_mtime_ns == mtime and first._name == second._name
