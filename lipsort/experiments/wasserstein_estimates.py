@@ -99,10 +99,11 @@ def run_grid(
 
 
 def estimates_table(runs: list[CriticResult], w1: float, heldout: tuple | None = None, paired: bool = True, decimals: int = 3):
-    r"""One row per critic: estimate, Lipschitz bound, certified estimate, gap to ``w1``, held-out CI, slopes.
+    r"""One row per critic: Lipschitz bound, certified estimate, gap to ``w1``, held-out CI, slopes.
 
-    ``heldout = (x_p, x_q)`` are samples none of the critics saw; the held-out columns are
-    :meth:`CriticResult.heldout` (divided by ``max(L, 1)``, 95 % interval).
+    Every estimate shown is divided by ``max(L, 1)`` (the critic's exact Lipschitz bound ``L``),
+    so none claims more than the certificate supports. ``heldout = (x_p, x_q)`` are samples
+    none of the critics saw; the held-out columns are :meth:`CriticResult.heldout` (95 % interval).
     """
     import pandas as pd
 
@@ -111,7 +112,6 @@ def estimates_table(runs: list[CriticResult], w1: float, heldout: tuple | None =
         row = {
             "activation": r.label,
             "constraint": r.constraint,
-            "estimate": r.estimate,
             "Lip bound": r.lipschitz,
             "certified": r.certified,
             "gap": w1 - r.certified,
