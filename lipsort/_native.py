@@ -10,17 +10,18 @@ once, as ReLU's two kernels do:
   entry goes to exactly one input, so the Jacobian is a permutation even at ties.
 
 A NaN in a pair makes both outputs NaN, as ``torch.maximum`` / ``torch.minimum`` do, so the
-fused and the PyTorch paths give equal results on every input (the one difference is the sign
-of a zero: on a tie of −0 and +0 ``torch.maximum`` and ``torch.minimum`` both return the second
-operand, where the kernel keeps the pair as it is).
+fused and the PyTorch paths give equal values and the same routing masks on every input; only
+bits that compare equal may differ: the sign of a zero on a tie of −0 and +0 (the kernel keeps
+the pair as it is) and the payload of a NaN.
 
 The C source below is compiled once per machine with the system C compiler (``$CC``, else
 ``cc``; about a second) into ``$LIPSORT_CACHE/native`` (default ``~/.cache/lipsort/native``),
-named by a hash of the source, the compiler, its flags and the CPU model, and loaded with
-:mod:`ctypes`. The loops run on torch's thread count through OpenMP: the ``libgomp`` that torch
-has already loaded, so both share one thread pool (single-threaded where the compiler has no
-OpenMP). Without a compiler, or with ``LIPSORT_NATIVE=0`` at import, :func:`plan` returns None
-and the callers keep their PyTorch path (a warning says why, once).
+named by a hash of the source, the compiler, its flags and the CPU model and features, and
+loaded with :mod:`ctypes`. With gcc, where torch runs GNU OpenMP as ``libgomp.so.1`` (its Linux
+wheels), the loops run on torch's thread count in the same thread pool; elsewhere they run on
+one thread rather than load a second OpenMP runtime. Without a compiler, or with
+``LIPSORT_NATIVE=0`` at import, :func:`plan` returns None and the callers keep their PyTorch
+path (a warning says why, once).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import hashlib
 import math
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -130,14 +132,20 @@ void lipsort_cx_backward_##SFX(const T *g, const uint8_t *keep, T *out, int64_t 
     }                                                                                        \
 }
 
+#ifdef __cplusplus
+extern "C" {
+#endif
 DEFINE(float, f32)
 DEFINE(double, f64)
+#ifdef __cplusplus
+}
+#endif
 """
 
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
+_FLAGS = ["-O3", "-fPIC", "-shared", "-fno-fast-math"]
 # Full-width AVX-512 vectors where the compiler knows the flag (x86-64): the forward loop packs
 # comparisons into bytes, and 512-bit lanes measured 1.3x faster there than gcc's default 256.
-_OPTIONAL = ["-mprefer-vector-width=512"]
+_TUNING = ["-march=native", "-mprefer-vector-width=512"]
 _DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 _lock = threading.Lock()
 _state: dict = {}
@@ -149,44 +157,66 @@ def _cache_dir() -> Path:
 
 
 def _cpu() -> str:
+    """The CPU model and its feature flags (``-march=native`` code runs only where both match)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+        return "\n".join(next((ln for ln in info if ln.startswith(k)), "") for k in ("model name", "flags"))
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return platform.processor() or platform.machine()
+
+
+def _torch_gomp() -> bool:
+    """Whether this process runs GNU OpenMP under the soname ``libgomp.so.1`` (torch's Linux
+    wheels), which a gcc-built ``-fopenmp`` library then shares instead of loading a second
+    OpenMP runtime beside torch's (two runtimes can abort or oversubscribe the cores)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
+    return any(line.endswith("/libgomp.so.1") for line in maps.splitlines())
+
+
+def _compile(cc: list[str], src: Path, out: Path, openmp: bool) -> None:
+    threads = ["-fopenmp"] if openmp else []
+    for tuning in (_TUNING, _TUNING[:1], []):  # the first set this compiler accepts
+        done = subprocess.run([*cc, *_FLAGS, *threads, *tuning, str(src), "-o", str(out)],
+                              capture_output=True, text=True)
+        if done.returncode == 0:
+            return
+    raise OSError(f"{' '.join(cc)} failed to compile the MaxMin kernels:\n{done.stderr.strip()}")
 
 
 def _build() -> ctypes.CDLL:
     """Compile (once per machine) and load the kernels; raises OSError with the reason."""
-    cc = os.environ.get("CC") or "cc"
-    exe = shutil.which(cc)
+    cc = shlex.split(os.environ.get("CC") or "cc")
+    exe = shutil.which(cc[0]) if cc else None
     if exe is None:
-        raise OSError(f"no C compiler found (tried {cc!r}; set $CC)")
-    version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([_SOURCE, exe, version, *_FLAGS, *_OPTIONAL, _cpu()]).encode()).hexdigest()[:16]
-    target = _cache_dir() / "native" / f"compare_exchange-{key}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            src = Path(tmp) / "compare_exchange.c"
-            src.write_text(_SOURCE)
-            out = Path(tmp) / target.name
-            no_openmp = [f for f in _FLAGS if f != "-fopenmp"]
-            for flags in (_FLAGS + _OPTIONAL, _FLAGS, no_openmp):
-                done = subprocess.run([exe, *flags, str(src), "-o", str(out)], capture_output=True, text=True)
-                if done.returncode == 0:
-                    break
-            else:
-                raise OSError(f"{cc} failed to compile the MaxMin kernels:\n{done.stderr.strip()}")
-            os.replace(out, target)  # atomic: a concurrent process loads a whole file or builds its own
-    lib = ctypes.CDLL(str(target))
-    for suffix in _DTYPES.values():
-        for name in (f"lipsort_cx_forward_{suffix}", f"lipsort_cx_backward_{suffix}"):
-            fn = getattr(lib, name)
-            fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
-            fn.restype = None
+        raise OSError(f"no C compiler found (tried {os.environ.get('CC') or 'cc'!r}; set $CC)")
+    cc[0] = exe
+    version = subprocess.run([*cc, "--version"], capture_output=True, text=True).stdout
+    openmp = _torch_gomp() and "Free Software Foundation" in version  # gcc links libgomp.so.1
+    key = hashlib.sha256("\0".join([_SOURCE, *cc, version, *_FLAGS, *_TUNING, str(openmp), _cpu()]).encode())
+    target = _cache_dir() / "native" / f"compare_exchange-{key.hexdigest()[:16]}.so"
+    for attempt in range(2):
+        if not target.exists():
+            target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                src = Path(tmp) / "compare_exchange.c"
+                src.write_text(_SOURCE)
+                out = Path(tmp) / target.name
+                _compile(cc, src, out, openmp)
+                os.replace(out, target)  # atomic: a concurrent process loads a whole file or builds its own
+        try:
+            lib = ctypes.CDLL(str(target))
+            fns = [getattr(lib, f"lipsort_cx_{d}_{sfx}") for sfx in _DTYPES.values() for d in ("forward", "backward")]
+            break
+        except (OSError, AttributeError) as err:  # a truncated or foreign file: build it again, once
+            if attempt:
+                raise OSError(f"cannot load {target}: {err}") from err
+            target.unlink(missing_ok=True)
+    for fn in fns:
+        fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+        fn.restype = None
     return lib
 
 
@@ -211,8 +241,9 @@ def kernels(dtype: torch.dtype) -> tuple | None:
 def _load() -> dict | None:
     try:
         lib = _build()
-    except OSError as err:
-        warnings.warn(f"lipsort: MaxMin falls back to PyTorch ops: {err}", RuntimeWarning, stacklevel=4)
+    except Exception as err:  # noqa: BLE001 -- any failure means the PyTorch path, said once
+        _state["fns"] = None  # before warning: under -W error the warning raises
+        warnings.warn(f"lipsort: MaxMin falls back to PyTorch ops: {err}", RuntimeWarning, stacklevel=2)
         return None
     return {
         dtype: (getattr(lib, f"lipsort_cx_forward_{sfx}"), getattr(lib, f"lipsort_cx_backward_{sfx}"))
@@ -256,7 +287,7 @@ def compare_exchange(x: torch.Tensor, p: Plan) -> tuple[torch.Tensor, torch.Tens
     """``(y, keep)``: every pair of ``x`` exchanged into (max, min) in one pass, and
     ``keep = a ≥ b`` (the pair stayed in place)."""
     y = torch.empty_like(x)
-    keep = torch.empty(p.keep_shape, dtype=torch.bool)
+    keep = torch.empty(p.keep_shape, dtype=torch.bool, device=x.device)
     if p.outer:
         p.forward(x.data_ptr(), y.data_ptr(), keep.data_ptr(), p.outer, p.inner, torch.get_num_threads())
     return y, keep

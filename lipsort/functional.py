@@ -168,39 +168,49 @@ class _FusedPairs(torch.autograd.Function):
     The eager path of :func:`group_sort` with pairs: the same result, mask and tie-safe
     derivative as :class:`_CompareExchange`, without its grouped view, per-call signature
     binding and Python routing, which cost more than the arithmetic on a (256, 1024) batch.
-    Double backward, batched gradients and forward-mode tangents take :func:`_route`.
+    Double backward and batched or unusual gradients take :func:`_route`.
     """
 
     @staticmethod
     def forward(ctx, x, plan):
         y, keep = _native.compare_exchange(x, plan)
-        ctx.mark_non_differentiable(keep)
         ctx.save_for_backward(keep)
-        ctx.plan, ctx.keep = plan, keep  # keep for jvp: cheaper than save_for_forward
+        ctx.plan = plan
         return y
 
     @staticmethod
     def backward(ctx, grad):
         (keep,) = ctx.saved_tensors
-        if torch.is_grad_enabled() or not grad.is_contiguous() or not _unwrapped(grad):
-            return _FusedPairs.jvp(ctx, grad), None  # a swap is its own transpose
-        return _native.route(grad, keep, ctx.plan), None
+        p = ctx.plan
+        if torch.is_grad_enabled() or not _plain(grad):  # double backward, batched, zero or lazy tensors
+            return _route(grad.reshape(p.grouped_shape), p.gdim, ((0, 1),), (keep,)).reshape(grad.shape), None
+        return _native.route(grad.contiguous(), keep, p), None
 
-    @staticmethod
-    def jvp(ctx, tangent, *_):
-        keep, p = ctx.keep, ctx.plan  # a pair's swap is its own inverse: the same routing both ways
-        return _route(tangent.reshape(p.grouped_shape), p.gdim, ((0, 1),), (keep,)).reshape(tangent.shape)
+
+def _plain(t: torch.Tensor) -> bool:
+    """A dense CPU tensor whose memory holds its values (the kernels read raw pointers): not a
+    subclass, zero tensor, negated view or functorch / batched wrapper."""
+    return (
+        type(t) is torch.Tensor
+        and t.device.type == "cpu"
+        and t.layout is torch.strided
+        and not t._is_zerotensor()
+        and not t.is_neg()
+        and _unwrapped(t)
+    )
 
 
 def _fused_pairs(x: torch.Tensor, dim: int) -> torch.Tensor | None:
     """MaxMin through :class:`_FusedPairs` where its kernels apply (eager, contiguous CPU
-    float32/64), else None."""
+    float32/64), else None: under torch.func transforms, forward-mode AD, tracing and
+    compilation the compare-exchange Function, whose rules they know, is used."""
     if (
-        type(x) is not torch.Tensor
-        or x.device.type != "cpu"
+        not _plain(x)
         or not x.is_contiguous()
         or torch._C._are_functorch_transforms_active()
-        or torch._C._functorch.is_legacy_batchedtensor(x)
+        or torch.autograd.forward_ad._current_level >= 0
+        or torch._C._get_tracing_state() is not None
+        or torch.compiler.is_compiling()
     ):
         return None
     plan = _native.plan(x.shape, dim, x.dtype)

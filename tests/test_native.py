@@ -146,3 +146,67 @@ def test_the_build_is_cached_per_machine(tmp_path, monkeypatch):
     mtime = built[0].stat().st_mtime_ns
     second = _native._build()
     assert built[0].stat().st_mtime_ns == mtime and first._name == second._name
+
+
+def test_unusual_tensors_never_reach_the_raw_pointers(monkeypatch):
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(7))
+    with torch.device("meta"):  # a default device must not move the mask off the CPU
+        y = F.max_min(x)
+    assert y.device.type == "cpu" and torch.equal(y, F.max_min(x.clone()))
+    assert torch.equal(F.max_min(torch._neg_view(x)), F.max_min(-x))  # a lazily negated view
+    leaf = x.clone().requires_grad_()
+    zero = torch._efficientzerotensor(4, 8)
+    assert torch.equal(torch.autograd.grad(F.max_min(leaf), leaf, zero)[0], torch.zeros(4, 8))
+    # An expanded gradient (from a sum) takes the kernels after one copy.
+    calls = []
+    route = _native.route
+    monkeypatch.setattr(_native, "route", lambda *a: calls.append(1) or route(*a))
+    F.max_min(leaf).sum().backward()
+    assert calls == [1] and torch.equal(leaf.grad, torch.ones(4, 8))
+
+
+def test_tracing_records_the_compare_exchange():
+    x = torch.randn(3, 6)
+    traced = torch.jit.trace(lambda v: F.max_min(v), (x,))
+    z = torch.randn(3, 6)
+    assert torch.equal(traced(z), F.max_min(z))
+
+
+def _fresh(code: str, tmp_path, **env):
+    """Run ``code`` in a new interpreter with a fresh kernel cache; returns its stdout."""
+    full = {"PATH": "/usr/bin:/bin", "LIPSORT_CACHE": str(tmp_path), "HOME": str(tmp_path), **env}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+_USES_KERNELS = (
+    "import torch\nfrom lipsort import _native\nfrom lipsort import functional as F\n"
+    "y = F.max_min(torch.tensor([[1., 3.]]))\n"
+    "print(y.tolist(), _native.kernels(torch.float32) is not None)\n"
+)
+
+
+@pytest.mark.skipif(not __import__("shutil").which("g++"), reason="no C++ compiler")
+def test_a_cpp_compiler_builds_the_same_kernels(tmp_path):
+    assert _fresh(_USES_KERNELS, tmp_path, CC="g++").split() == ["[[3.0,", "1.0]]", "True"]
+
+
+def test_a_corrupt_cached_library_is_rebuilt(tmp_path):
+    assert "True" in _fresh(_USES_KERNELS, tmp_path)
+    (built,) = (tmp_path / "native").glob("*.so")
+    built.write_bytes(b"not a shared library")
+    assert _fresh(_USES_KERNELS, tmp_path).split() == ["[[3.0,", "1.0]]", "True"]
+    assert built.read_bytes()[:4] == b"\x7fELF"
+
+
+def test_a_failed_build_warns_once_even_when_warnings_are_errors(tmp_path):
+    code = (
+        "import torch, warnings\nfrom lipsort import functional as F\n"
+        "warnings.simplefilter('error')\n"
+        "try:\n    F.max_min(torch.ones(1, 2))\nexcept RuntimeWarning as w:\n    print('warned:', w)\n"
+        "print(F.max_min(torch.tensor([[1., 3.]])).tolist())\n"
+    )
+    out = _fresh(code, tmp_path, CC="no-such-compiler")
+    assert "warned: lipsort: MaxMin falls back to PyTorch ops: no C compiler found" in out
+    assert out.strip().endswith("[[3.0, 1.0]]")

@@ -7,6 +7,7 @@ import itertools
 import torch
 from torch import nn
 
+from .. import _native
 from .. import functional as F
 from .. import models
 from ._measure import Config, Row, measure_case
@@ -17,6 +18,19 @@ def _fwd_bwd(fn, x0: torch.Tensor, grad_out: torch.Tensor):
     """``forward()`` applying ``fn`` to a fresh leaf copy of ``x0``, and its ``backward(out)``."""
     x = x0.clone().requires_grad_()
     return (lambda: fn(x)), (lambda out: torch.autograd.grad(out, x, grad_out))
+
+
+def _without_kernels(fn):
+    """``fn`` run with lipsort's fused CPU kernels switched off (as ``LIPSORT_NATIVE=0``)."""
+
+    def run(x):
+        enabled, _native.ENABLED = _native.ENABLED, False
+        try:
+            return fn(x)
+        finally:
+            _native.ENABLED = enabled
+
+    return run
 
 
 def _groupsort_case(cfg: Config, deel, shape: tuple[int, ...], g: int) -> list[Row]:
@@ -36,6 +50,8 @@ def _groupsort_case(cfg: Config, deel, shape: tuple[int, ...], g: int) -> list[R
              "group_sort, ascending order")
         )
     if g == 2:
+        impls.insert(1, ("pytorch-ops", *_fwd_bwd(_without_kernels(ours), x0, grad_out),
+                         "max_min without its C kernel: the compare-exchange in PyTorch ops"))
         impls.append(("relu", *_fwd_bwd(torch.relu, x0, grad_out), "torch.relu (not a permutation)"))
 
     def check(name, out):
