@@ -138,6 +138,7 @@ def run(
         "device": str(device),
         "device_name": device_name(device),
         "threads": threads,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),  # idle OpenMP threads spin or sleep
         "repeat": repeat,
         "iters": iters,
         "tiny": tiny,
@@ -151,7 +152,9 @@ def device_name(device: torch.device) -> str:
         return torch.cuda.get_device_name(device)
     import platform
 
-    return f"cpu ({platform.processor() or platform.machine()})"
+    from ..book.provenance import cpu_name
+
+    return f"cpu: {cpu_name()} ({platform.machine()})"
 
 
 def _fmt(v, spec: str) -> str:
