@@ -7,7 +7,8 @@ Weight constraints (chapter 03): :func:`bjorck` (orthonormalization by a fixed n
 iterations), :func:`polar` (the orthonormal polar factor to a certified tolerance, with an
 implicit gradient: the fast path of :func:`lipsort.bjorck_orthonormal`), :func:`power_iteration`
 (a spectral-norm *estimate*, never used to certify), :func:`project_rows_l1` (exact projection
-of each row onto the ℓ1 ball, so ``‖W‖∞ ≤ r``) and :func:`operator_norm` (exact norms used by
+of each row onto the ℓ1 ball, so ``‖W‖∞ ≤ r``; :func:`project_rows_l1_sphere` onto its sphere, the
+authors' variant) and :func:`operator_norm` (exact norms used by
 certificates).
 """
 
@@ -28,6 +29,7 @@ __all__ = [
     "polar",
     "power_iteration",
     "project_rows_l1",
+    "project_rows_l1_sphere",
     "operator_norm",
 ]
 
@@ -551,6 +553,35 @@ def project_rows_l1(w: torch.Tensor, radius: float = 1.0) -> torch.Tensor:
         v = torch.where(over, v * (radius / va.sum(-1, keepdim=True)) * (1 - eps * 2**step), v)
     # Rows inside are w itself, with the identity as their gradient (zeros included).
     return torch.where(inside, w, v) if bool(inside.any()) else v
+
+
+def project_rows_l1_sphere(w: torch.Tensor, radius: float = 1.0) -> torch.Tensor:
+    r"""Project each row of ``w`` onto the ℓ1 *sphere* :math:`\|v\|_1 = r`: what the authors'
+    ``project_on_linf_ball`` (cemanil/LNets) computes.
+
+    A row outside the ball gets :func:`project_rows_l1`'s projection, which lies on the sphere.
+    A row inside, of norm :math:`s < r`, is pushed out to it: Condat's threshold
+    :math:`	heta = (s - r)/n` is then negative, and :math:`v = \operatorname{sign}(w)(|w| -
+    	heta)` adds :math:`(r - s)/n` to every :math:`|w_j|`, zeros included (with sign +, as
+    the authors' ``signs[signs == 0] = 1``). That is the Euclidean projection of an inside
+    point onto the sphere. Row sums never exceed ``r`` after rounding (as
+    :func:`project_rows_l1`), and are within rounding of it. No gradient: a training-loop
+    projection (:func:`lipsort.optim.project_linf_` with ``onto="sphere"``).
+
+    Example:
+        >>> project_rows_l1_sphere(torch.tensor([[3., -1., 0.5], [0.25, 0.5, 0.]]))
+        tensor([[1.0000, 0.0000, 0.0000],
+                [0.3333, 0.5833, 0.0833]])
+    """
+    _check_matrix(w)
+    if not radius > 0:
+        raise ValueError(f"radius must be positive, got {radius!r}")
+    with torch.no_grad():
+        a = w.abs()
+        s = a.sum(-1, keepdim=True, dtype=torch.float64)
+        lift = ((radius - s) / w.shape[-1]).clamp_min(0).to(w.dtype)
+        signs = torch.where(w < 0, -1.0, 1.0).to(w.dtype)
+        return project_rows_l1(signs * (a + lift), radius)  # only rounding can leave a row above r
 
 
 def _row_sums_within(a: torch.Tensor, radius: float) -> torch.Tensor:

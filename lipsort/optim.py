@@ -51,7 +51,7 @@ def plain_linears(model: nn.Module) -> list[nn.Linear]:
     :func:`project_linf_` constrains (a parametrized weight is constrained already)."""
     return [m for m in model.modules() if isinstance(m, nn.Linear) and not parametrize.is_parametrized(m, "weight")]
 
-def project_linf_(model: nn.Module, radius: float = 1.0) -> int:
+def project_linf_(model: nn.Module, radius: float = 1.0, onto: str = "ball") -> int:
     r"""Project the rows of every plain ``nn.Linear`` weight onto the ℓ1 ball, in place.
 
     The ℓ∞ method of Anil et al. (2019) for their provably robust MNIST nets (cemanil/LNets,
@@ -65,9 +65,10 @@ def project_linf_(model: nn.Module, radius: float = 1.0) -> int:
     free weight and differentiates *through* the projection at every forward pass. Here the
     forward pass is a plain linear map and the constraint costs one projection per step.
 
-    Rows already inside the ball are unchanged (the authors' ``project_on_linf_ball`` applies
+    Rows already inside the ball are unchanged. The authors' ``project_on_linf_ball`` applies
     Condat's threshold to them too, a negative one, which moves them out onto the sphere
-    :math:`\|w_i\|_1 = r`). The row sums are checked in float64 — as
+    :math:`\|w_i\|_1 = r`: ``onto="sphere"`` does that
+    (:func:`lipsort.functional.project_rows_l1_sphere`). The row sums are checked in float64 — as
     :func:`lipsort.certify.lipschitz_upper_bound` measures them — and a row a rounding error
     above ``r`` is shrunk by a few ulps, so every layer's bound is at most ``r`` exactly.
     Parametrized ``nn.Linear`` layers are skipped: their constraint is their parametrization's.
@@ -75,13 +76,16 @@ def project_linf_(model: nn.Module, radius: float = 1.0) -> int:
     Args:
         model: a module holding ``nn.Linear`` layers (itself one, or any container).
         radius: the bound ``r > 0`` on every row's ℓ1 norm.
+        onto: ``"ball"`` (the exact projection onto ``‖w_i‖₁ ≤ r``) or ``"sphere"`` (every
+            row onto ``‖w_i‖₁ = r``, the authors' code).
 
     Returns:
         The number of layers projected.
 
     Raises:
-        ValueError: a non-positive or non-finite ``radius``, or no plain ``nn.Linear`` in
-            ``model`` (projecting nothing would leave the model unconstrained unnoticed).
+        ValueError: a non-positive or non-finite ``radius``, an unknown ``onto``, or no plain
+            ``nn.Linear`` in ``model`` (projecting nothing would leave the model unconstrained
+            unnoticed).
 
     Example:
         >>> _ = torch.manual_seed(0)
@@ -92,6 +96,9 @@ def project_linf_(model: nn.Module, radius: float = 1.0) -> int:
         [True, True]
     """
     r = check_positive(radius, "radius")
+    project = {"ball": F.project_rows_l1, "sphere": F.project_rows_l1_sphere}.get(onto)
+    if project is None:
+        raise ValueError(f"onto must be 'ball' or 'sphere', got {onto!r}")
     layers = plain_linears(model)
     if not layers:
         raise ValueError(
@@ -100,7 +107,7 @@ def project_linf_(model: nn.Module, radius: float = 1.0) -> int:
         )
     with torch.no_grad():
         for m in layers:
-            w = F.project_rows_l1(m.weight, r)
+            w = project(m.weight, r)
             for k in range(8):
                 over = w.abs().sum(-1, keepdim=True, dtype=torch.float64) > r
                 if not bool(over.any()):

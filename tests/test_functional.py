@@ -440,3 +440,46 @@ def test_group_sort_4_under_vmap_matches_the_loop():
     x = _random((4, 8), seed=43)
     x[0, :4] = 1.0
     assert torch.equal(torch.func.vmap(lambda v: F.group_sort(v, 4, 0))(x), F.group_sort(x, 4))
+
+
+def _condat_every_row(w: torch.Tensor, r: float) -> torch.Tensor:
+    """The authors' projection, independently: Condat's sorting threshold applied to every row,
+    inside ones included, zeros given sign + (float64)."""
+    a = w.abs()
+    srt = a.sort(-1, descending=True).values
+    csum = srt.cumsum(-1)
+    k = torch.arange(1, w.shape[-1] + 1, dtype=w.dtype)
+    ok = csum < r + k * srt  # the largest such k defines the threshold
+    kk = (ok * k).amax(-1, keepdim=True)
+    theta = (csum.gather(-1, kk.long() - 1) - r) / kk
+    signs = torch.where(w < 0, -1.0, 1.0).to(w.dtype)
+    return signs * (a - theta).clamp_min(0)
+
+
+@pytest.mark.parametrize("radius", [1.0, 0.3])
+def test_project_rows_l1_sphere_is_the_authors_projection(radius):
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(64, 40, generator=g, dtype=DT) * torch.logspace(-3, 0.5, 64, dtype=DT)[:, None]
+    w[0] = 0.0  # an all-zero row: every entry becomes r/n
+    w[1, ::2] = 0.0  # zeros inside a row that is inside the ball
+    v = F.project_rows_l1_sphere(w, radius)
+    assert torch.allclose(v, _condat_every_row(w, radius), atol=1e-12, rtol=0)
+    sums = v.abs().sum(-1)
+    assert bool((sums <= radius).all()) and float((radius - sums).max()) < 1e-12
+    inside = w.abs().sum(-1) < radius
+    assert 0 < int(inside.sum()) < 64  # both kinds of rows were exercised
+    assert torch.equal(v[~inside], F.project_rows_l1(w, radius)[~inside])
+    assert bool((v[0] == radius / 40).all()) and bool((v[1] > 0)[w[1] == 0].all())
+
+
+def test_project_linf_onto_the_sphere_and_its_errors():
+    from lipsort.optim import project_linf_
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(30, 20), torch.nn.ReLU(), torch.nn.Linear(20, 5))
+    assert project_linf_(net, onto="sphere") == 2
+    for m in (net[0], net[2]):
+        sums = m.weight.abs().sum(-1, dtype=torch.float64)
+        assert bool((sums <= 1).all()) and float((1 - sums).max()) < 1e-5  # float32 rounding
+    with pytest.raises(ValueError, match="onto must be 'ball' or 'sphere', got 'shell'"):
+        project_linf_(net, onto="shell")

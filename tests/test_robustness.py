@@ -52,6 +52,21 @@ def test_hinge_net_is_l_constant_lipschitz_in_linf():
             assert float(m.weight.detach().double().abs().sum(1).max()) <= 1.0
 
 
+def test_the_authors_sphere_projection_keeps_every_row_on_the_sphere(tmp_path):
+    with num_threads(1):
+        ball = _run("hinge", 1, str(tmp_path))
+        sphere = _run("hinge", 1, str(tmp_path), linf_projection="sphere")
+    assert len(list(tmp_path.glob("t.hinge-*.pt"))) == 2  # another projection, another checkpoint
+    sums = torch.cat([m.weight.detach().abs().sum(1, dtype=torch.float64) for m in sphere.model
+                      if isinstance(m, torch.nn.Linear)])
+    assert float(sums.max()) <= 1.0 and float(sums.min()) > 1 - 1e-5
+    assert xr.rows_inside_ball(sphere.model) == 0.0 < xr.rows_inside_ball(ball.model)
+    assert float(lipschitz_upper_bound(sphere.model, "linf")) <= 1000.0 * (1 + 1e-6)
+    with pytest.raises(ValueError, match="linf_projection must be 'ball' or 'sphere', got 'box'"):
+        xr.train("x", xr.build("relu", None, 8), "hinge", _data(), _data(), epochs=1, batch_size=8,
+                 lr=1e-3, milestones=[], linf_projection="box")
+
+
 def test_bad_method_and_dataset_are_named():
     with pytest.raises(ValueError, match="method"):
         xr.train("x", xr.build("relu", None, 8), "adversarial", _data(), _data(), epochs=1,

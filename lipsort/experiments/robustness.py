@@ -15,6 +15,8 @@ r"""Book glue for chapter 05 (provable robustness on MNIST and Fashion-MNIST: A6
 
 from __future__ import annotations
 
+import functools
+
 
 import torch
 from torch import nn
@@ -202,13 +204,14 @@ def _milestones(milestones) -> Schedule:
 
 def train(name: str, model: nn.Module, method: str, train_data, test_data, *, epochs: int, batch_size: int,
           lr: float, milestones, margin: float = 0.3, l_constant: float = 1000.0, pgd_steps: int = 40,
-          pgd_eps: float = 0.3, pgd_step_size: float = 0.01, checkpoint_dir: str = "", seed: int = 0,
-          device=None, progress: bool = False):
+          pgd_eps: float = 0.3, pgd_step_size: float = 0.01, linf_projection: str = "ball",
+          checkpoint_dir: str = "", seed: int = 0, device=None, progress: bool = False):
     """Train one network with the authors' recipe for ``method``; returns the :class:`FitResult`.
 
     * ``"standard"``: Adam, cross-entropy (A6, and A9's standard net);
     * ``"hinge"``: A8, weights projected onto ‖W‖∞ ≤ 1 after every AggMo update
-      (:func:`project_linf_`, also once at the start), multi-class hinge with margin
+      (:func:`project_linf_`, also once at the start; ``linf_projection="sphere"``: every row
+      onto ‖w‖₁ = 1, as the authors' code does), multi-class hinge with margin
       ``margin·l_constant`` on a net whose layers are scaled to constant ``l_constant``;
     * ``"pgd"``: A9's adversarial training, Adam on the cross-entropy of ℓ∞ PGD inputs
       (:func:`pgd_training_transform`: ε, steps, step size, margin ascent, clamp to [0, 1]).
@@ -223,12 +226,15 @@ def train(name: str, model: nn.Module, method: str, train_data, test_data, *, ep
 
     if method not in ("standard", "hinge", "pgd"):
         raise ValueError(f"method must be 'standard', 'hinge' or 'pgd', got {method!r}")
+    if linf_projection not in ("ball", "sphere"):
+        raise ValueError(f"linf_projection must be 'ball' or 'sphere', got {linf_projection!r}")
     kwargs = {}
     if method == "hinge":
-        project_linf_(model)
+        project = functools.partial(project_linf_, onto=linf_projection)
+        project(model)
         opt = lambda p: AggMo(p, lr=lr, betas=(0.0, 0.9, 0.99))
         loss = MarginLoss(margin * l_constant)
-        kwargs["after_step"] = project_linf_
+        kwargs["after_step"] = project
     else:
         opt = lambda p: torch.optim.Adam(p, lr=lr)
         loss = nn.CrossEntropyLoss()
@@ -238,7 +244,8 @@ def train(name: str, model: nn.Module, method: str, train_data, test_data, *, ep
     # run with another architecture, data size or recipe never resumes a foreign checkpoint.
     path = run_path(checkpoint_dir, name, method=method, architecture=repr(model), n_train=int(len(train_data[1])),
                     batch_size=batch_size, lr=lr, milestones=list(milestones), margin=margin, l_constant=l_constant,
-                    pgd=[pgd_steps, pgd_eps, pgd_step_size] if method == "pgd" else None, seed=seed)  # fmt: skip
+                    pgd=[pgd_steps, pgd_eps, pgd_step_size] if method == "pgd" else None, seed=seed,
+                    projection=linf_projection if method == "hinge" else None)  # fmt: skip
     return fit(model, opt, loss, loader(train_data, batch_size, seed=seed), epochs,
                eval_data=loader(test_data, 1000, shuffle=False), schedule=_milestones(milestones),
                checkpoint=path, device=device, desc=name, progress=progress, **kwargs)
