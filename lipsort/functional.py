@@ -511,6 +511,12 @@ def _l1_threshold(a: torch.Tensor, radius: float) -> torch.Tensor:
     return theta
 
 
+def _check_l1_args(w: torch.Tensor, radius: float) -> None:
+    _check_matrix(w)
+    if not radius > 0:
+        raise ValueError(f"radius must be positive, got {radius!r}")
+
+
 def project_rows_l1(w: torch.Tensor, radius: float = 1.0) -> torch.Tensor:
     r"""Project each row of ``w`` onto the ℓ1 ball of ``radius``, so ``‖W‖∞ ≤ radius``.
 
@@ -528,9 +534,7 @@ def project_rows_l1(w: torch.Tensor, radius: float = 1.0) -> torch.Tensor:
         tensor([[1.0000, 0.0000, 0.0000],
                 [0.2500, 0.5000, 0.0000]])
     """
-    _check_matrix(w)
-    if not radius > 0:
-        raise ValueError(f"radius must be positive, got {radius!r}")
+    _check_l1_args(w, radius)
     a = w.abs()
     inside = _row_sums_within(a, radius)
     if bool(inside.all()):
@@ -561,8 +565,8 @@ def project_rows_l1_sphere(w: torch.Tensor, radius: float = 1.0) -> torch.Tensor
 
     A row outside the ball gets :func:`project_rows_l1`'s projection, which lies on the sphere.
     A row inside, of norm :math:`s < r`, is pushed out to it: Condat's threshold
-    :math:`	heta = (s - r)/n` is then negative, and :math:`v = \operatorname{sign}(w)(|w| -
-    	heta)` adds :math:`(r - s)/n` to every :math:`|w_j|`, zeros included (with sign +, as
+    :math:`\theta = (s - r)/n` is then negative, and :math:`v = \operatorname{sign}(w)(|w| -
+    \theta)` adds :math:`(r - s)/n` to every :math:`|w_j|`, zeros included (with sign +, as
     the authors' ``signs[signs == 0] = 1``). That is the Euclidean projection of an inside
     point onto the sphere. Row sums never exceed ``r`` after rounding (as
     :func:`project_rows_l1`), and are within rounding of it. No gradient: a training-loop
@@ -573,9 +577,7 @@ def project_rows_l1_sphere(w: torch.Tensor, radius: float = 1.0) -> torch.Tensor
         tensor([[1.0000, 0.0000, 0.0000],
                 [0.3333, 0.5833, 0.0833]])
     """
-    _check_matrix(w)
-    if not radius > 0:
-        raise ValueError(f"radius must be positive, got {radius!r}")
+    _check_l1_args(w, radius)
     with torch.no_grad():
         a = w.abs()
         s = a.sum(-1, keepdim=True, dtype=torch.float64)
