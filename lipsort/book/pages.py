@@ -240,7 +240,7 @@ def render_reproduction(claims: list[Claim], results: dict[str, dict[str, dict]]
                 )
                 note = f"- `{c.id}` ({c.source}{', ' + c.where if c.where else ''}; key `{c.key}`): {c.statement}"
                 if c.tolerance:
-                    note += f" *Tolerance:* {c.tolerance}."
+                    note += f" *Tolerance:* {c.tolerance.rstrip('.')}."
                 if c.deviation:
                     note += f" *Deviation:* {c.deviation}"
                 if partial is not None:
