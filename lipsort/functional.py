@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from . import _native, _polar
+from . import _l1ball, _native, _polar
 
 __all__ = [
     "group_sort",
@@ -486,31 +486,6 @@ def power_iteration(
     return torch.linalg.vector_norm(w @ u), u
 
 
-def _l1_threshold(a: torch.Tensor, radius: float) -> torch.Tensor:
-    r"""The soft threshold θ of each row of ``a ≥ 0`` with :math:`\sum_j (a_j - \theta)_+ = r`.
-
-    Newton's method on the convex, decreasing, piecewise-linear
-    :math:`\varphi(\theta) = \sum_j (a_j - \theta)_+ - r`, i.e. Michelot's (1986) algorithm:
-    :math:`\theta \leftarrow (\sum_{a_j > \theta} a_j - r) / |\{a_j > \theta\}|`. Started below
-    the root, at :math:`\max(a_{\max} - r, (\sum_j a_j - r)/n)` (two of the sorting algorithm's
-    candidates), θ only grows and the support only shrinks, so it stops at the exact θ once no
-    row's support changes: at most ``n`` rounds, 4–10 on trained weights, each a pass over the
-    matrix, where sorting every row costs 2–3 times more (Condat, 2016, compares the two).
-    """
-    n = a.shape[-1]
-    theta = torch.maximum(a.amax(-1, keepdim=True) - radius, (a.sum(-1, keepdim=True) - radius) / n)
-    count = None
-    for _ in range(n + 1):
-        d = (a - theta).clamp_min_(0)
-        c = torch.count_nonzero(d, -1).unsqueeze(-1)
-        if count is not None and torch.equal(c, count):
-            break
-        count = c
-        # clamp_min(0): rounding must not move θ back (that could cycle).
-        theta = theta + ((d.sum(-1, keepdim=True) - radius) / c.clamp_min(1)).clamp_min_(0)
-    return theta
-
-
 def _check_l1_args(w: torch.Tensor, radius: float) -> None:
     _check_matrix(w)
     if not radius > 0:
@@ -523,7 +498,7 @@ def project_rows_l1(w: torch.Tensor, radius: float = 1.0) -> torch.Tensor:
     Exact Euclidean projection :math:`\arg\min_{\|v\|_1 \le r}\|v - w_i\|_2`: soft-thresholding
     :math:`v = \operatorname{sign}(w)\max(|w| - \theta, 0)` with the threshold θ of
     :math:`\sum_j (|w_j| - \theta)_+ = r`, found by Michelot's algorithm vectorized over rows
-    (:func:`_l1_threshold`). The gradient is that of
+    (:func:`lipsort._l1ball.threshold`). The gradient is that of
     :math:`\theta = (\sum_{j \in S} |w_j| - r)/|S|` on the support ``S``, the same as through
     the sorting algorithm's formula. Rows already inside the ball are returned unchanged, and
     the result is idempotent: its row sums, computed in its dtype and in float64, never exceed
@@ -536,11 +511,11 @@ def project_rows_l1(w: torch.Tensor, radius: float = 1.0) -> torch.Tensor:
     """
     _check_l1_args(w, radius)
     a = w.abs()
-    inside = _row_sums_within(a, radius)
+    inside = _l1ball.row_sums_within(a, radius)
     if bool(inside.all()):
         return w.clone()  # a new tensor, as when a row moves: callers may cache or detach it
     with torch.no_grad():
-        theta = _l1_threshold(a.detach(), radius)
+        theta = _l1ball.threshold(a.detach(), radius)
     if torch.is_grad_enabled() and a.requires_grad:
         support = a.detach() > theta
         theta = (torch.where(support, a, 0).sum(-1, keepdim=True) - radius) / support.sum(-1, keepdim=True).clamp_min(1)
@@ -551,7 +526,7 @@ def project_rows_l1(w: torch.Tensor, radius: float = 1.0) -> torch.Tensor:
     eps = torch.finfo(w.dtype).eps
     for step in range(8):
         va = v.abs()
-        over = ~_row_sums_within(va, radius) & ~inside
+        over = ~_l1ball.row_sums_within(va, radius) & ~inside
         if not bool(over.any()):
             break
         v = torch.where(over, v * (radius / va.sum(-1, keepdim=True)) * (1 - eps * 2**step), v)
@@ -584,16 +559,6 @@ def project_rows_l1_sphere(w: torch.Tensor, radius: float = 1.0) -> torch.Tensor
         lift = ((radius - s) / w.shape[-1]).clamp_min(0).to(w.dtype)
         signs = torch.where(w < 0, -1.0, 1.0).to(w.dtype)
         return project_rows_l1(signs * (a + lift), radius)  # only rounding can leave a row above r
-
-
-def _row_sums_within(a: torch.Tensor, radius: float) -> torch.Tensor:
-    """Rows of ``a ≥ 0`` whose sum is at most ``radius`` both in ``a``'s dtype and in float64
-    (the precision of the certificates' norms). The float64 sum converts ``a`` internally: on a
-    1024×1024 float32 matrix it costs about 7 times the float32 one."""
-    ok = a.sum(-1, keepdim=True) <= radius
-    if a.dtype != torch.float64:
-        ok &= a.sum(-1, keepdim=True, dtype=torch.float64) <= radius
-    return ok
 
 
 def operator_norm(w: torch.Tensor, p: float | str = 2) -> torch.Tensor:
