@@ -26,12 +26,12 @@ path (a warning says why, once).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
 import math
 import os
-import platform
 import shlex
 import shutil
 import subprocess
@@ -44,7 +44,10 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["ENABLED", "Plan", "kernels", "plan", "compare_exchange", "route"]
+from .data import cache_root
+from .runtime import cpu_name
+
+__all__ = ["ENABLED", "Plan", "kernels", "plan", "compare_exchange", "route", "disabled"]
 
 # Layout: ``x`` is (outer, 2, inner) contiguous, pair (o, i) is (x[o, 0, i], x[o, 1, i]) and
 # keep[o, i] says whether it stayed in place. inner == 1 (MaxMin of an MLP: adjacent entries) has
@@ -151,18 +154,13 @@ _lock = threading.Lock()
 _state: dict = {}
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("LIPSORT_CACHE")
-    return Path(root) if root else Path.home() / ".cache" / "lipsort"
-
-
 def _cpu() -> str:
     """The CPU model and its feature flags (``-march=native`` code runs only where both match)."""
     try:
-        info = Path("/proc/cpuinfo").read_text().splitlines()
-        return "\n".join(next((ln for ln in info if ln.startswith(k)), "") for k in ("model name", "flags"))
+        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
     except OSError:
-        return platform.processor() or platform.machine()
+        flags = ""
+    return f"{cpu_name()}\n{flags}"
 
 
 def _torch_gomp() -> bool:
@@ -186,8 +184,9 @@ def _compile(cc: list[str], src: Path, out: Path, openmp: bool) -> None:
     raise OSError(f"{' '.join(cc)} failed to compile the MaxMin kernels:\n{done.stderr.strip()}")
 
 
-def _build() -> ctypes.CDLL:
-    """Compile (once per machine) and load the kernels; raises OSError with the reason."""
+def _build() -> dict:
+    """Compile (once per machine) and load the kernels, ``{dtype: (forward, backward)}``;
+    raises OSError with the reason."""
     cc = shlex.split(os.environ.get("CC") or "cc")
     exe = shutil.which(cc[0]) if cc else None
     if exe is None:
@@ -196,7 +195,7 @@ def _build() -> ctypes.CDLL:
     version = subprocess.run([*cc, "--version"], capture_output=True, text=True).stdout
     openmp = _torch_gomp() and "Free Software Foundation" in version  # gcc links libgomp.so.1
     key = hashlib.sha256("\0".join([_SOURCE, *cc, version, *_FLAGS, *_TUNING, str(openmp), _cpu()]).encode())
-    target = _cache_dir() / "native" / f"compare_exchange-{key.hexdigest()[:16]}.so"
+    target = cache_root() / "native" / f"compare_exchange-{key.hexdigest()[:16]}.so"
     for attempt in range(2):
         if not target.exists():
             target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -208,16 +207,17 @@ def _build() -> ctypes.CDLL:
                 os.replace(out, target)  # atomic: a concurrent process loads a whole file or builds its own
         try:
             lib = ctypes.CDLL(str(target))
-            fns = [getattr(lib, f"lipsort_cx_{d}_{sfx}") for sfx in _DTYPES.values() for d in ("forward", "backward")]
+            fns = {dtype: tuple(getattr(lib, f"lipsort_cx_{d}_{sfx}") for d in ("forward", "backward"))
+                   for dtype, sfx in _DTYPES.items()}
             break
         except (OSError, AttributeError) as err:  # a truncated or foreign file: build it again, once
             if attempt:
                 raise OSError(f"cannot load {target}: {err}") from err
             target.unlink(missing_ok=True)
-    for fn in fns:
+    for fn in (f for pair in fns.values() for f in pair):
         fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
         fn.restype = None
-    return lib
+    return fns
 
 
 ENABLED = os.environ.get("LIPSORT_NATIVE", "1") != "0"
@@ -240,15 +240,22 @@ def kernels(dtype: torch.dtype) -> tuple | None:
 
 def _load() -> dict | None:
     try:
-        lib = _build()
+        return _build()
     except Exception as err:  # noqa: BLE001 -- any failure means the PyTorch path, said once
         _state["fns"] = None  # before warning: under -W error the warning raises
         warnings.warn(f"lipsort: MaxMin falls back to PyTorch ops: {err}", RuntimeWarning, stacklevel=2)
         return None
-    return {
-        dtype: (getattr(lib, f"lipsort_cx_forward_{sfx}"), getattr(lib, f"lipsort_cx_backward_{sfx}"))
-        for dtype, sfx in _DTYPES.items()
-    }
+
+
+@contextlib.contextmanager
+def disabled():
+    """Run without the kernels inside the block (the PyTorch path, as ``LIPSORT_NATIVE=0``)."""
+    global ENABLED
+    enabled, ENABLED = ENABLED, False
+    try:
+        yield
+    finally:
+        ENABLED = enabled
 
 
 class Plan(NamedTuple):

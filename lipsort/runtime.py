@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from ._checks import check_int
 
-__all__ = ["seed_everything", "setup", "num_threads", "default_threads", "DEFAULT_THREADS"]
+__all__ = ["seed_everything", "setup", "num_threads", "default_threads", "cpu_name", "DEFAULT_THREADS"]
 
 #: Torch CPU threads of a run when ``OMP_NUM_THREADS`` is not set (the count the goldens use).
 DEFAULT_THREADS = 2
@@ -100,3 +102,15 @@ def num_threads(n: int | None):
         yield
     finally:
         torch.set_num_threads(old)
+
+
+def cpu_name() -> str:
+    """The CPU model (``/proc/cpuinfo`` on Linux, else :func:`platform.processor`): results are
+    bit-for-bit reproducible only on one model (and thread count), so runs record it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -171,12 +171,16 @@ def test_project_rows_l1_matches_a_brute_force_solver():
         assert torch.allclose(p[i], torch.sign(w[i]) * (a - hi).clamp_min(0), atol=1e-12)
 
 
-def _project_rows_l1_by_sorting(w, radius):
+def _sorting_threshold(a, radius):
     # The sorting algorithm (Condat, 2016, Algorithm 1): θ = max_k (Σ_{j≤k} a_(j) − r)/k.
-    a = w.abs()
     s = a.sort(dim=-1, descending=True).values
-    k = torch.arange(1, w.shape[-1] + 1, dtype=w.dtype)
-    theta = ((s.cumsum(-1) - radius) / k).amax(-1, keepdim=True).clamp_min(0)
+    k = torch.arange(1, a.shape[-1] + 1, dtype=a.dtype)
+    return ((s.cumsum(-1) - radius) / k).amax(-1, keepdim=True)
+
+
+def _project_rows_l1_by_sorting(w, radius):
+    a = w.abs()
+    theta = _sorting_threshold(a, radius).clamp_min(0)
     return torch.where(a.sum(-1, keepdim=True) <= radius, w, torch.sign(w) * (a - theta).clamp_min(0))
 
 
@@ -443,17 +447,10 @@ def test_group_sort_4_under_vmap_matches_the_loop():
 
 
 def _condat_every_row(w: torch.Tensor, r: float) -> torch.Tensor:
-    """The authors' projection, independently: Condat's sorting threshold applied to every row,
-    inside ones included, zeros given sign + (float64)."""
-    a = w.abs()
-    srt = a.sort(-1, descending=True).values
-    csum = srt.cumsum(-1)
-    k = torch.arange(1, w.shape[-1] + 1, dtype=w.dtype)
-    ok = csum < r + k * srt  # the largest such k defines the threshold
-    kk = (ok * k).amax(-1, keepdim=True)
-    theta = (csum.gather(-1, kk.long() - 1) - r) / kk
+    """The authors' projection, independently: the sorting threshold applied to every row, a
+    negative one for rows inside the ball, zeros given sign +."""
     signs = torch.where(w < 0, -1.0, 1.0).to(w.dtype)
-    return signs * (a - theta).clamp_min(0)
+    return signs * (w.abs() - _sorting_threshold(w.abs(), r)).clamp_min(0)
 
 
 @pytest.mark.parametrize("radius", [1.0, 0.3])

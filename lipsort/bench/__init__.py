@@ -152,7 +152,7 @@ def device_name(device: torch.device) -> str:
         return torch.cuda.get_device_name(device)
     import platform
 
-    from ..book.provenance import cpu_name
+    from ..runtime import cpu_name
 
     return f"cpu: {cpu_name()} ({platform.machine()})"
 

@@ -24,11 +24,8 @@ def _without_kernels(fn):
     """``fn`` run with lipsort's fused CPU kernels switched off (as ``LIPSORT_NATIVE=0``)."""
 
     def run(x):
-        enabled, _native.ENABLED = _native.ENABLED, False
-        try:
+        with _native.disabled():
             return fn(x)
-        finally:
-            _native.ENABLED = enabled
 
     return run
 
