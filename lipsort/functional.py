@@ -18,7 +18,8 @@ import math
 
 import torch
 
-from . import _l1ball, _native, _polar
+from . import _bjorck, _l1ball, _native, _polar
+from ._bjorck import _gram
 
 __all__ = [
     "group_sort",
@@ -303,13 +304,6 @@ def _check_matrix(w: torch.Tensor, name: str = "weight") -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {w.dtype}")
 
 
-def _gram(w: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """Gram matrix on the smaller side: ``WᵀW`` for tall or square ``W``, ``WWᵀ`` for wide."""
-    left = w.shape[-2] < w.shape[-1]
-    wt = w.transpose(-1, -2)
-    return (w @ wt if left else wt @ w), left
-
-
 def bjorck_prescale(w: torch.Tensor) -> torch.Tensor:
     """Divide ``w`` by a rigorous upper bound of its spectral norm, so that ``‖W‖₂ ≤ 1``.
 
@@ -345,7 +339,8 @@ def bjorck(w: torch.Tensor, n_iters: int = 20, order: int = 1, prescale: bool = 
     ``prescale`` the input is first divided by a rigorous bound of its spectral norm
     (:func:`bjorck_prescale`): then every singular value lies in (0, 1], each iteration
     increases it without overshooting 1, and the iteration converges for any input scale.
-    Gradients flow through the iterations (chapter 03).
+    Gradients flow through the iterations (chapter 03), by their hand-written adjoint
+    (:mod:`lipsort._bjorck`): exact for the function computed.
 
     Args:
         w: a ``(m, n)`` matrix or a batch ``(..., m, n)``.
@@ -363,19 +358,25 @@ def bjorck(w: torch.Tensor, n_iters: int = 20, order: int = 1, prescale: bool = 
         raise ValueError(f"Björck order must be 1, 2, 3 or 4, got {order!r}")
     if isinstance(n_iters, bool) or not isinstance(n_iters, int) or n_iters < 0:
         raise ValueError(f"n_iters must be a non-negative integer, got {n_iters!r}")
+    if w.dim() > 3:  # the steps take 2-D matrices or 3-D batches
+        return bjorck(w.reshape(-1, *w.shape[-2:]), n_iters, order, prescale).reshape(w.shape)
     if prescale:
         w = bjorck_prescale(w)
     coeffs = _BJORCK_COEFFS[: order + 1]
-    eye = torch.eye(min(w.shape[-2:]), dtype=w.dtype, device=w.device)
-    for _ in range(n_iters):
-        g, left = _gram(w)
-        q = eye - g
-        # Horner from the top: c_{p-1} I + c_p Q, then c_k I + Q·(...): p - 1 products.
-        poly = coeffs[-2] * eye + coeffs[-1] * q
-        for c in reversed(coeffs[:-2]):
-            poly = c * eye + q @ poly
-        w = poly @ w if left else w @ poly
-    return w
+    if (
+        n_iters
+        and w.requires_grad
+        and torch.is_grad_enabled()
+        and _unwrapped(w)
+        and not torch._C._are_functorch_transforms_active()
+        and torch.autograd.forward_ad._current_level < 0
+        and torch._C._get_tracing_state() is None
+        and not torch.compiler.is_compiling()
+    ):
+        # One autograd node with the steps' adjoint (lipsort._bjorck); torch.func transforms,
+        # forward-mode AD, tracing and compilation see the plain loop instead.
+        return _bjorck.Steps.apply(w, n_iters, coeffs)
+    return _bjorck.plain(w, n_iters, coeffs)
 
 
 def polar(

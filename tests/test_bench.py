@@ -98,13 +98,14 @@ def test_bcop_case_compares_the_per_tap_construction():
 
     res = bench.run(["bcop"], repeat=1, threads=1, min_time=0.001, tiny=True, progress=False)
     rows = res["rows"]
-    assert len(rows) == 3 * len(TINY_LAYERS)
+    impls = ["lipsort", "per-tap", "per-tap, lipsort Björck", "unconstrained"]
+    assert len(rows) == len(impls) * len(TINY_LAYERS)
     for net, c_in, c_out, k, size in TINY_LAYERS:
         case = [r for r in rows if f"{c_in}→{c_out} {k}×{k} @{size}×{size}" in r["case"]]
-        assert sorted(r["impl"] for r in case) == ["lipsort", "per-tap", "unconstrained"]
-        ours, peer, free = (next(r for r in case if r["impl"] == i) for i in ("lipsort", "per-tap", "unconstrained"))
+        assert sorted(r["impl"] for r in case) == sorted(impls)
+        ours, peer, fast, free = (next(r for r in case if r["impl"] == i) for i in impls)
         assert ours["ratio"] == 1.0 and peer["ratio"] == pytest.approx(peer["time_ms"] / ours["time_ms"])
-        for r in (ours, peer):
+        for r in (ours, peer, fast):
             assert r["metric"] == "max|σ-1|" and r["value"] < 1e-5 and r["grad_error"] < 1e-4
         assert free["grad_error"] is None and free["value"] >= 0
 

@@ -25,7 +25,8 @@ machine and its load; only ratios within one run are meant to be compared.
   A3's FullSort critic extrapolated to its 19,200 steps.
 * ``bcop``: a training step (forward + backward, batch 128) of each BCOP layer of Li et al.'s
   Small and Large networks against the per-tap construction
-  (:func:`lipsort.conv.reference.bcop_kernel_per_tap`) and a free circular convolution, with
+  (:func:`lipsort.conv.reference.bcop_kernel_per_tap`, with autograd through its Björck steps
+  as in the authors' code, and with lipsort's Björck) and a free circular convolution, with
   the exact max |σ − 1| of each kernel at the layer's input size.
 
 New cases register a runner with :func:`register`.

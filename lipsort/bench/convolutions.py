@@ -29,12 +29,12 @@ TINY_LAYERS = (("tiny", 4, 8, 3, 6), ("tiny", 8, 4, 2, 4))
 class _PerTap(nn.Module):
     """A BCOP layer's convolution with its kernel built by the per-tap reference construction."""
 
-    def __init__(self, layer):
+    def __init__(self, layer, fast_bjorck: bool = False):
         super().__init__()
-        self.layer = layer
+        self.layer, self.fast_bjorck = layer, fast_bjorck
 
     def kernel(self) -> torch.Tensor:
-        return bcop_kernel_per_tap(self.layer)
+        return bcop_kernel_per_tap(self.layer, self.fast_bjorck)
 
     def forward(self, x):
         return circular_conv2d(x, self.kernel(), self.layer.bias)
@@ -61,6 +61,7 @@ def _bcop_case(cfg: Config, net: str, c_in: int, c_out: int, k: int, size: int) 
     models = {
         "lipsort": layer,
         "per-tap": _PerTap(copy.deepcopy(layer)),
+        "per-tap, lipsort Björck": _PerTap(copy.deepcopy(layer), fast_bjorck=True),
         "unconstrained": nn.Conv2d(c_in, c_out, k, padding="same", padding_mode="circular"),
     }
     models = {name: m.to(cfg.device).train() for name, m in models.items()}
@@ -82,7 +83,8 @@ def _bcop_case(cfg: Config, net: str, c_in: int, c_out: int, k: int, size: int) 
     impls = []
     notes = {
         "lipsort": "BCOP: batched Björck of H (c_out×c_in) and V (n×r), batched taps",
-        "per-tap": "2(k-1)+1 square n×n Björcks, taps one product at a time",
+        "per-tap": "2(k-1)+1 square n×n Björcks (autograd through each step), taps one product at a time",
+        "per-tap, lipsort Björck": "the same with lipsort's Björck (hand-written backward)",
         "unconstrained": "circular nn.Conv2d, free kernel",
     }
     for name, m in models.items():

@@ -163,11 +163,14 @@ def _networks(result: dict) -> list[str]:
 
 
 def _bcop(result: dict) -> list[str]:
-    lines = ["| layer | lipsort ms | per-tap | free circular conv | max\\|σ−1\\| (lipsort / per-tap) |", "|---|---|---|---|---|"]
+    lines = ["| layer | lipsort ms | per-tap | per-tap, lipsort Björck | free circular conv | max\\|σ−1\\| (lipsort / per-tap) |",
+             "|---|---|---|---|---|---|"]
     for case, rows in _grouped(_rows(result, "bcop")).items():
+        impls = {r["impl"]: r for r in rows}
         ours, tap, free = (_pick(rows, impl) for impl in ("lipsort", "per-tap", "unconstrained"))
+        fast = _vs(impls["per-tap, lipsort Björck"]) if "per-tap, lipsort Björck" in impls else _DASH
         net, _, shape, kernel, size = case.split(",")[0].split()
-        lines.append(f"| {net} {shape} {kernel} {size.split('×')[0]} | {ours['time_ms']:.1f} | {_vs(tap)} | {_vs(free)} "
+        lines.append(f"| {net} {shape} {kernel} {size.split('×')[0]} | {ours['time_ms']:.1f} | {_vs(tap)} | {fast} | {_vs(free)} "
                      f"| {_fmt(ours['value'], '.0e')} / {_fmt(tap['value'], '.0e')} |")  # fmt: skip
     return lines
 

@@ -3,7 +3,8 @@ in tests and in ``python -m lipsort.bench``.
 
 It computes the same kernel from the same free parameters the way the construction reads in
 the paper and the authors' code: ``2(k−1) + 1`` square ``n×n`` matrices (``n = max(c_in,
-c_out)``), each Björck-orthonormalized on its own; projectors from their first ``r`` columns;
+c_out)``), each Björck-orthonormalized on its own (differentiated by autograd through every
+operation of the steps, as in the authors' code); projectors from their first ``r`` columns;
 each ``2×2`` block as four matrix products; block convolution as a loop over pairs of taps;
 ``H`` multiplied into each tap, and the ``c_out×c_in`` channel block sliced at the end.
 :class:`~lipsort.conv.BCOP`'s parameters are embedded into those square matrices with zero
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as nnf
 from torch import Tensor
 
+from .. import _bjorck
 from .. import functional as LF
 from .bcop import BCOP
 
@@ -38,10 +40,17 @@ def _matrix_conv(m1: dict, m2: dict, k: int, n: int, ref: Tensor) -> dict:
     return result
 
 
-def bcop_kernel_per_tap(layer: BCOP) -> Tensor:
+def _bjorck_autograd(w: Tensor, n_iters: int, order: int) -> Tensor:
+    """:func:`lipsort.functional.bjorck` with autograd through every operation of its steps."""
+    return _bjorck.plain(LF.bjorck_prescale(w), n_iters, LF._BJORCK_COEFFS[: order + 1])
+
+
+def bcop_kernel_per_tap(layer: BCOP, fast_bjorck: bool = False) -> Tensor:
     """The kernel of ``layer`` (in its current mode), built one matrix and one tap at a time.
 
-    Equal to ``layer.weight`` up to rounding, differentiable in the same parameters.
+    Equal to ``layer.weight`` up to rounding, differentiable in the same parameters. With
+    ``fast_bjorck`` the Björck steps are :func:`lipsort.functional.bjorck`'s (a hand-written
+    backward) instead of autograd's, to separate the two sources of BCOP's speed.
 
     Example:
         >>> _ = torch.manual_seed(0)
@@ -55,12 +64,13 @@ def bcop_kernel_per_tap(layer: BCOP) -> Tensor:
     n, k = layer.max_channels, layer.kernel_size[0]
     left = c_out <= c_in  # H multiplies the blocks from the left (else from the right)
     h_square = nnf.pad(layer.ortho_orig, (0, n - c_in, 0, n - c_out))
-    h = LF.bjorck(h_square, iters, km.order)
+    bjorck = LF.bjorck if fast_bjorck else _bjorck_autograd
+    h = bjorck(h_square, iters, km.order)
     eye = torch.eye(n, dtype=h.dtype, device=h.device)
     projs = []
     for i, r in enumerate(layer.projector_ranks):
         v_orig = layer.proj_orig[i]
-        v = LF.bjorck(nnf.pad(v_orig, (0, n - v_orig.shape[-1])), iters, km.order)
+        v = bjorck(nnf.pad(v_orig, (0, n - v_orig.shape[-1])), iters, km.order)
         v = v[:, :r]
         projs.append(v @ v.T)
     taps = {(0, 0): eye} if k == 1 else None
