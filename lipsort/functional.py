@@ -72,6 +72,18 @@ def _unwrapped(*tensors) -> bool:
     )
 
 
+def _eager_autograd() -> bool:
+    """Whether reverse-mode autograd is all that sees the call: no torch.func transform,
+    forward-mode AD, tracing or compilation (the hand-written Functions' fast paths know only
+    eager backward; under the others the plain operations run)."""
+    return not (
+        torch._C._are_functorch_transforms_active()
+        or torch.autograd.forward_ad._current_level >= 0
+        or torch._C._get_tracing_state() is not None
+        or torch.compiler.is_compiling()
+    )
+
+
 def _route(t: torch.Tensor, gdim: int, pairs, masks) -> torch.Tensor:
     """Apply the recorded swaps to ``t`` in order: slot ``i`` takes ``where(keep, tᵢ, tⱼ)``, slot
     ``j`` the other one. Each step is its own inverse, so the reversed order is the transpose."""
@@ -207,14 +219,7 @@ def _fused_pairs(x: torch.Tensor, dim: int) -> torch.Tensor | None:
     """MaxMin through :class:`_FusedPairs` where its kernels apply (eager, contiguous CPU
     float32/64), else None: under torch.func transforms, forward-mode AD, tracing and
     compilation the compare-exchange Function, whose rules they know, is used."""
-    if (
-        not _plain(x)
-        or not x.is_contiguous()
-        or torch._C._are_functorch_transforms_active()
-        or torch.autograd.forward_ad._current_level >= 0
-        or torch._C._get_tracing_state() is not None
-        or torch.compiler.is_compiling()
-    ):
+    if not (_plain(x) and x.is_contiguous() and _eager_autograd()):
         return None
     plan = _native.plan(x.shape, dim, x.dtype)
     return None if plan is None else super(torch.autograd.Function, _FusedPairs).apply(x, plan)
@@ -363,19 +368,8 @@ def bjorck(w: torch.Tensor, n_iters: int = 20, order: int = 1, prescale: bool = 
     if prescale:
         w = bjorck_prescale(w)
     coeffs = _BJORCK_COEFFS[: order + 1]
-    if (
-        n_iters
-        and w.requires_grad
-        and torch.is_grad_enabled()
-        and _unwrapped(w)
-        and not torch._C._are_functorch_transforms_active()
-        and torch.autograd.forward_ad._current_level < 0
-        and torch._C._get_tracing_state() is None
-        and not torch.compiler.is_compiling()
-    ):
-        # One autograd node with the steps' adjoint (lipsort._bjorck); torch.func transforms,
-        # forward-mode AD, tracing and compilation see the plain loop instead.
-        return _bjorck.Steps.apply(w, n_iters, coeffs)
+    if n_iters and w.requires_grad and torch.is_grad_enabled() and _unwrapped(w) and _eager_autograd():
+        return _bjorck.Steps.apply(w, n_iters, coeffs)  # one node with the steps' adjoint
     return _bjorck.plain(w, n_iters, coeffs)
 
 
