@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from ._native import plus_transpose
+
 
 def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     # mm and bmm skip matmul's broadcasting logic: per call, that is most of a small product.
@@ -100,7 +102,7 @@ class Steps(torch.autograd.Function):
             left = x.shape[-2] < x.shape[-1]
             if len(coeffs) == 2:  # order 1: Ḡ P − ½ X S (or P Ḡ − ½ S X), S = XᵀḠ + ḠᵀX
                 m = _mm(grad, x.mT) if left else _mm(x.mT, grad)
-                sym = m + m.mT
+                sym = plus_transpose(m, 1)
                 if left:
                     grad = _addmm(_addmm(grad, g, grad, 1.5, -0.5), sym, x, 1.0, -0.5)
                 else:
@@ -119,6 +121,6 @@ class Steps(torch.autograd.Function):
                 pbar = _mm(q.mT, pbar)
             term = coeffs[-1] * pbar
             qbar = term if qbar is None else qbar + term
-            sym = qbar + qbar.mT  # Q = I − G, G = xᵀx (or x xᵀ): Ḡ = −Q̄
+            sym = plus_transpose(qbar, 1)  # Q = I − G, G = xᵀx (or x xᵀ): Ḡ = −Q̄
             grad = grad - (_mm(sym, x) if left else _mm(x, sym))
         return grad, None, None

@@ -349,6 +349,30 @@ def test_polar_warm_start_refines_in_place_without_changing_the_result():
     assert torch.allclose(cold, warmed, atol=1e-11) and torch.allclose(cold, again, atol=1e-11)
 
 
+@pytest.mark.parametrize("low, lanczos_calls", [(0.6, 0), (0.05, 1)])
+def test_polar_warm_estimates_replace_lanczos_only_for_a_moderate_spread(low, lanczos_calls,
+                                                                         monkeypatch):
+    # Singular values over [low, 1.5]: the warm vectors of a nearby weight give the estimates
+    # when they say the Gram matrix's condition number is at most 10, a Lanczos run otherwise.
+    u = _svd_polar(_random((40, 32), seed=32))
+    v = _svd_polar(_random((32, 32), seed=33))
+    w = (u * torch.linspace(low, 1.5, 32, dtype=DT)) @ v.T
+    warm = torch.zeros(2, 32, dtype=DT)
+    F.polar(w + 1e-3 * _random((40, 32), seed=34), warm=warm)  # the previous training step
+    calls = []
+    lanczos = F._polar._lanczos_extremes
+    spy = lambda *a, **k: calls.append(1) or lanczos(*a, **k)  # noqa: E731
+    monkeypatch.setattr(F._polar, "_lanczos_extremes", spy)
+    w.requires_grad_()
+    g_out = _random((40, 32), seed=35)
+    q = F.polar(w, warm=warm)
+    (grad,) = torch.autograd.grad(q, w, g_out)
+    (ref_grad,) = torch.autograd.grad(_svd_polar(w), w, g_out)
+    assert len(calls) == lanczos_calls
+    assert torch.allclose(q, _svd_polar(w.detach()), atol=1e-11)
+    assert (grad - ref_grad).norm() <= 1e-8 * ref_grad.norm()
+
+
 @pytest.mark.parametrize("scale", [None, 1e-30, 1e30])
 def test_polar_extreme_and_degenerate_inputs_stay_contractive(scale):
     # A rank-3 matrix cannot be certified (zero singular values stay zero): the fallback is

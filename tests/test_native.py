@@ -1,4 +1,5 @@
-"""The fused MaxMin kernels (lipsort._native) against the PyTorch compare-exchange path."""
+"""The fused CPU kernels (lipsort._native) against the PyTorch expressions they replace: MaxMin's
+compare-exchange and the tiled ``a ± aᵀ``."""
 
 import ctypes
 import subprocess
@@ -207,5 +208,29 @@ def test_a_failed_build_warns_once_even_when_warnings_are_errors(tmp_path):
         "print(F.max_min(torch.tensor([[1., 3.]])).tolist())\n"
     )
     out = _fresh(code, tmp_path, CC="no-such-compiler")
-    assert "warned: lipsort: MaxMin falls back to PyTorch ops: no C compiler found" in out
+    warned = "warned: lipsort: MaxMin and a ± aᵀ fall back to PyTorch ops: no C compiler found"
+    assert warned in out
     assert out.strip().endswith("[[3.0, 1.0]]")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(128, 128), (1000, 1000), (3, 130, 130), (2, 2, 96, 96), (9, 9)])
+def test_plus_transpose_equals_the_pytorch_expression_bit_for_bit(shape, dtype):
+    a = torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(3))
+    for view in (a, a.mT):  # a transposed view is made contiguous first
+        sym, skew = _native.plus_transpose(view, 1), _native.plus_transpose(view, -1)
+        assert torch.equal(sym, view + view.mT) and torch.equal(skew, view - view.mT)
+        assert torch.equal(sym, sym.mT) and torch.equal(skew, -skew.mT)  # exactly (skew-)symmetric
+
+
+def test_plus_transpose_takes_the_kernel_only_outside_autograd(monkeypatch):
+    a = torch.randn(200, 200, dtype=torch.float64, requires_grad=True)
+    calls = []
+    real = _native.kernels
+    monkeypatch.setattr(_native, "kernels", lambda dtype: calls.append(dtype) or real(dtype))
+    cotangent = torch.ones(200, 200, dtype=torch.float64).triu()
+    (g,) = torch.autograd.grad(_native.plus_transpose(a, -1), a, cotangent)
+    assert calls == [] and torch.equal(g, cotangent - cotangent.mT)
+    with torch.no_grad():
+        _native.plus_transpose(a, 1)
+    assert calls == [torch.float64]
