@@ -1,5 +1,5 @@
-r"""Fused CPU kernels, compiled on first use: MaxMin's pairwise compare-exchange, and the
-``a ± aᵀ`` of the polar factor's and Björck's backward passes.
+r"""Fused CPU kernels, compiled on first use: MaxMin's pairwise compare-exchange, GroupSort(4),
+and the ``a ± aᵀ`` of the polar factor's and Björck's backward passes.
 
 MaxMin in eager PyTorch is five strided kernels per training step (``ge``, ``maximum`` and
 ``minimum`` forward, two ``where`` backward), each reading the interleaved pairs with stride 2.
@@ -14,6 +14,10 @@ A NaN in a pair makes both outputs NaN, as ``torch.maximum`` / ``torch.minimum``
 fused and the PyTorch paths give equal values and the same routing masks on every input; only
 bits that compare equal may differ: the sign of a zero on a tie of −0 and +0 (the kernel keeps
 the pair as it is) and the payload of a NaN.
+
+:func:`sort4` sorts groups of four by ranks (six comparisons, no branches) and keeps one byte
+per group, the source slot of each output slot, where ``torch.sort`` keeps an int64 index per
+unit; :func:`route4` sends the gradient back through it.
 
 :func:`plus_transpose` forms ``a + aᵀ`` or ``a − aᵀ`` tile by tile: as an element-wise op on a
 transposed view, PyTorch reads the mirror entry of each output row a column apart, which at a
@@ -55,6 +59,7 @@ from .runtime import cpu_name
 
 __all__ = [
     "ENABLED", "Plan", "kernels", "plan", "compare_exchange", "route", "disabled", "plus_transpose",
+    "sort4", "route4",
 ]
 
 # Layout: ``x`` is (outer, 2, inner) contiguous, pair (o, i) is (x[o, 0, i], x[o, 1, i]) and
@@ -165,6 +170,68 @@ void lipsort_tadd_##SFX(const T *a, T *out, int64_t batch, int64_t d, T sign, in
     }                                                                                        \
 }
 
+/* GroupSort(4): each group (o, 0..3, i) sorted largest first (a NaN counts as the largest, as
+   in torch.sort; ties keep their order) by ranks: six comparisons give each input its output
+   slot, without branches. code packs the source slot of each output slot in two bits,
+   y[k] = x[(code >> 2k) & 3], so backward is g_x[src] = g_y[k]. */
+#define BEATS(x, y) (!((y) > (x)) & !(((y) != (y)) & ((x) == (x))))
+/* Groups n0..n1 (n = o * inner + i), walked row by row: no division per group. */
+#define GROUPS(...)                                                                          \
+    for (int64_t n = n0; n < n1;) {                                                          \
+        int64_t o = n / inner, i = n - o * inner;                                            \
+        int64_t stop = (o + 1) * inner < n1 ? (o + 1) * inner : n1;                          \
+        for (; n < stop; ++n, ++i) { __VA_ARGS__ }                                           \
+    }
+#define DEFINE_S4(T, SFX)                                                                    \
+static void gs4_fwd_##SFX(const T *x, T *y, uint8_t *code, int64_t n0, int64_t n1,          \
+                          int64_t inner) {                                                   \
+    GROUPS(                                                                                  \
+        const T *a = x + 4 * o * inner + i;                                                  \
+        T *b = y + 4 * o * inner + i;                                                        \
+        T v0 = a[0], v1 = a[inner], v2 = a[2 * inner], v3 = a[3 * inner];                   \
+        /* bjk (j < k): slot j goes before slot k, unless v_k is larger or a NaN beside a    \
+           number; ties keep their order. r_k: the output slot of input k. */                \
+        int b01 = BEATS(v0, v1), b02 = BEATS(v0, v2), b03 = BEATS(v0, v3);                   \
+        int b12 = BEATS(v1, v2), b13 = BEATS(v1, v3), b23 = BEATS(v2, v3);                   \
+        int r0 = 3 - b01 - b02 - b03, r1 = b01 + 2 - b12 - b13, r2 = b02 + b12 + 1 - b23;    \
+        int r3 = b03 + b13 + b23;                                                            \
+        b[r0 * inner] = v0; b[r1 * inner] = v1; b[r2 * inner] = v2; b[r3 * inner] = v3;      \
+        code[n] = (uint8_t)(1 << 2 * r1 | 2 << 2 * r2 | 3 << 2 * r3);                        \
+    )                                                                                        \
+}                                                                                            \
+static void gs4_bwd_##SFX(const T *g, const uint8_t *code, T *out, int64_t n0, int64_t n1,  \
+                          int64_t inner) {                                                   \
+    GROUPS(                                                                                  \
+        const T *a = g + 4 * o * inner + i;                                                  \
+        T *b = out + 4 * o * inner + i;                                                      \
+        unsigned c = code[n];                                                                \
+        b[(c & 3) * inner] = a[0];                                                           \
+        b[(c >> 2 & 3) * inner] = a[inner];                                                  \
+        b[(c >> 4 & 3) * inner] = a[2 * inner];                                              \
+        b[(c >> 6) * inner] = a[3 * inner];                                                  \
+    )                                                                                        \
+}                                                                                            \
+void lipsort_gs4_forward_##SFX(const T *x, T *y, uint8_t *code, int64_t outer, int64_t inner,\
+                               int threads) {                                                \
+    int64_t groups = outer * inner;                                                          \
+    int nt = team(2 * groups, threads);                                                      \
+    _Pragma("omp parallel num_threads(nt) if(nt > 1)")                                       \
+    {                                                                                        \
+        int t = omp_get_thread_num(), n = omp_get_num_threads();                             \
+        gs4_fwd_##SFX(x, y, code, groups * t / n, groups * (t + 1) / n, inner);              \
+    }                                                                                        \
+}                                                                                            \
+void lipsort_gs4_backward_##SFX(const T *g, const uint8_t *code, T *out, int64_t outer,      \
+                                int64_t inner, int threads) {                                \
+    int64_t groups = outer * inner;                                                          \
+    int nt = team(2 * groups, threads);                                                      \
+    _Pragma("omp parallel num_threads(nt) if(nt > 1)")                                       \
+    {                                                                                        \
+        int t = omp_get_thread_num(), n = omp_get_num_threads();                             \
+        gs4_bwd_##SFX(g, code, out, groups * t / n, groups * (t + 1) / n, inner);            \
+    }                                                                                        \
+}
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -172,6 +239,8 @@ DEFINE(float, f32)
 DEFINE(double, f64)
 DEFINE_T(float, f32)
 DEFINE_T(double, f64)
+DEFINE_S4(float, f32)
+DEFINE_S4(double, f64)
 #ifdef __cplusplus
 }
 #endif
@@ -241,19 +310,20 @@ def _build() -> dict:
         try:
             lib = ctypes.CDLL(str(target))
             fns = {dtype: tuple(getattr(lib, f"lipsort_{name}_{sfx}")
-                                for name in ("cx_forward", "cx_backward", "tadd"))
+                                for name in ("cx_forward", "cx_backward", "tadd",
+                                             "gs4_forward", "gs4_backward"))
                    for dtype, sfx in _DTYPES.items()}
             break
         except (OSError, AttributeError) as err:  # a truncated or foreign file: build it again, once
             if attempt:
                 raise OSError(f"cannot load {target}: {err}") from err
             target.unlink(missing_ok=True)
-    for dtype, (forward, backward, tadd) in fns.items():
-        for fn in (forward, backward):
+    for dtype, (forward, backward, tadd, forward4, backward4) in fns.items():
+        for fn in (forward, backward, forward4, backward4):
             fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
         scalar = ctypes.c_float if dtype == torch.float32 else ctypes.c_double
         tadd.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [scalar, ctypes.c_int]
-        for fn in (forward, backward, tadd):
+        for fn in fns[dtype]:
             fn.restype = None
     return fns
 
@@ -312,23 +382,25 @@ class Plan(NamedTuple):
 
 
 @functools.lru_cache(maxsize=256)
-def _plan(shape: torch.Size, dim: int, dtype: torch.dtype) -> Plan | None:
+def _plan(shape: torch.Size, dim: int, dtype: torch.dtype, group: int) -> Plan | None:
     fns = kernels(dtype)
-    if fns is None or not -len(shape) <= dim < len(shape) or shape[dim] % 2:
+    if fns is None or not -len(shape) <= dim < len(shape) or shape[dim] % group:
         return None
     dim %= len(shape)
-    grouped = shape[:dim] + (shape[dim] // 2, 2) + shape[dim + 1 :]
+    grouped = shape[:dim] + (shape[dim] // group, group) + shape[dim + 1 :]
     inner = math.prod(shape[dim + 1 :])
-    outer = math.prod(shape) // (2 * inner) if inner else 0
-    keep = shape[:dim] + (shape[dim] // 2,) + shape[dim + 1 :]
-    return Plan(fns[0], fns[1], grouped, dim + 1, keep, outer, inner)
+    outer = math.prod(shape) // (group * inner) if inner else 0
+    keep = shape[:dim] + (shape[dim] // group,) + shape[dim + 1 :]
+    forward, backward = fns[:2] if group == 2 else fns[3:5]
+    return Plan(forward, backward, grouped, dim + 1, keep, outer, inner)
 
 
-def plan(shape: torch.Size, dim: int, dtype: torch.dtype) -> Plan | None:
-    """The :class:`Plan` of MaxMin along ``dim`` of a contiguous CPU tensor of ``shape`` and
-    ``dtype``, or None where the kernels do not apply (no kernel for the dtype, disabled, not
-    built, an odd or invalid ``dim``: the PyTorch path raises the errors)."""
-    return _plan(shape, dim, dtype) if ENABLED else None
+def plan(shape: torch.Size, dim: int, dtype: torch.dtype, group: int = 2) -> Plan | None:
+    """The :class:`Plan` of MaxMin (``group=2``) or GroupSort(4) (``group=4``) along ``dim`` of
+    a contiguous CPU tensor of ``shape`` and ``dtype``, or None where the kernels do not apply
+    (no kernel for the dtype, disabled, not built, a size ``group`` does not divide or an
+    invalid ``dim``: the PyTorch path raises the errors)."""
+    return _plan(shape, dim, dtype, group) if ENABLED else None
 
 
 def compare_exchange(x: torch.Tensor, p: Plan) -> tuple[torch.Tensor, torch.Tensor]:
@@ -347,6 +419,25 @@ def route(grad: torch.Tensor, keep: torch.Tensor, p: Plan) -> torch.Tensor:
     out = torch.empty_like(grad)
     if p.outer:
         p.backward(grad.data_ptr(), keep.data_ptr(), out.data_ptr(), p.outer, p.inner, torch.get_num_threads())
+    return out
+
+
+def sort4(x: torch.Tensor, p: Plan) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, code)``: every group of four of ``x`` sorted largest first in one pass, and one
+    byte per group with the source slot of each output slot (two bits each)."""
+    y = torch.empty_like(x)
+    code = torch.empty(p.keep_shape, dtype=torch.uint8, device=x.device)
+    if p.outer:
+        p.forward(x.data_ptr(), y.data_ptr(), code.data_ptr(), p.outer, p.inner, torch.get_num_threads())
+    return y, code
+
+
+def route4(grad: torch.Tensor, code: torch.Tensor, p: Plan) -> torch.Tensor:
+    """The backward of :func:`sort4`: each entry of the contiguous ``grad`` sent back to the
+    slot its value came from."""
+    out = torch.empty_like(grad)
+    if p.outer:
+        p.backward(grad.data_ptr(), code.data_ptr(), out.data_ptr(), p.outer, p.inner, torch.get_num_threads())
     return out
 
 

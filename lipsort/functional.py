@@ -177,29 +177,38 @@ class _CompareExchange(torch.autograd.Function):
         return outputs, (0,) * len(outputs)
 
 
-class _FusedPairs(torch.autograd.Function):
-    """MaxMin of a contiguous CPU float tensor in one pass each way (:mod:`lipsort._native`).
+class _Fused(torch.autograd.Function):
+    """MaxMin or GroupSort(4) of a contiguous CPU float tensor in one pass each way
+    (:mod:`lipsort._native`).
 
-    The eager path of :func:`group_sort` with pairs: the same result, mask and tie-safe
-    derivative as :class:`_CompareExchange`, without its grouped view, per-call signature
-    binding and Python routing, which cost more than the arithmetic on a (256, 1024) batch.
-    Double backward and batched or unusual gradients take :func:`_route`.
+    The eager path of :func:`group_sort` with pairs or quads: for pairs the same result, mask and
+    tie-safe derivative as :class:`_CompareExchange`, without its grouped view, per-call
+    signature binding and Python routing, which cost more than the arithmetic on a (256, 1024)
+    batch; for quads one byte of source slots per group where ``torch.sort`` keeps an int64
+    index per unit. Double backward and batched or unusual gradients take differentiable,
+    batchable ops (:func:`_route`, or a scatter through the decoded slots).
     """
 
     @staticmethod
     def forward(ctx, x, plan):
-        y, keep = _native.compare_exchange(x, plan)
-        ctx.save_for_backward(keep)
+        pairs = plan.grouped_shape[plan.gdim] == 2
+        y, saved = (_native.compare_exchange if pairs else _native.sort4)(x, plan)
+        ctx.save_for_backward(saved)
         ctx.plan = plan
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        (keep,) = ctx.saved_tensors
-        p = ctx.plan
-        if torch.is_grad_enabled() or not _plain(grad):  # double backward, batched, zero or lazy tensors
-            return _route(grad.reshape(p.grouped_shape), p.gdim, ((0, 1),), (keep,)).reshape(grad.shape), None
-        return _native.route(grad.contiguous(), keep, p), None
+        (saved,) = ctx.saved_tensors
+        p, pairs = ctx.plan, saved.dtype == torch.bool
+        if not torch.is_grad_enabled() and _plain(grad):
+            return (_native.route if pairs else _native.route4)(grad.contiguous(), saved, p), None
+        g = grad.reshape(p.grouped_shape)  # double backward, batched, zero or lazy tensors
+        if pairs:
+            return _route(g, p.gdim, ((0, 1),), (saved,)).reshape(grad.shape), None
+        shifts = torch.arange(0, 8, 2, dtype=torch.uint8, device=saved.device)
+        src = (saved.unsqueeze(p.gdim) >> shifts.view((4,) + (1,) * (saved.dim() - p.gdim))) & 3
+        return torch.zeros_like(g).scatter(p.gdim, src.long().expand_as(g), g).reshape(grad.shape), None
 
 
 def _plain(t: torch.Tensor) -> bool:
@@ -215,19 +224,20 @@ def _plain(t: torch.Tensor) -> bool:
     )
 
 
-def _fused_pairs(x: torch.Tensor, dim: int) -> torch.Tensor | None:
-    """MaxMin through :class:`_FusedPairs` where its kernels apply (eager, contiguous CPU
-    float32/64), else None: under torch.func transforms, forward-mode AD, tracing and
-    compilation the compare-exchange Function, whose rules they know, is used."""
+def _fused(x: torch.Tensor, dim: int, group: int = 2) -> torch.Tensor | None:
+    """MaxMin or GroupSort(4) through :class:`_Fused` where the kernels apply (eager,
+    contiguous CPU float32/64), else None: under torch.func transforms, forward-mode AD, tracing
+    and compilation the compare-exchange Function or ``torch.sort``, whose rules they know."""
     if not (_plain(x) and x.is_contiguous() and _eager_autograd()):
         return None
-    plan = _native.plan(x.shape, dim, x.dtype)
-    return None if plan is None else super(torch.autograd.Function, _FusedPairs).apply(x, plan)
+    plan = _native.plan(x.shape, dim, x.dtype, group)
+    return None if plan is None else super(torch.autograd.Function, _Fused).apply(x, plan)
 
 
 # Sorting networks (Knuth, TAOCP 5.3.4), largest first: slot i gets the max. Only pairs go
 # through one: for groups of 4 the five compare-exchanges on strided slices measured slower
-# than torch.sort on this CPU build (python -m lipsort.bench groupsort), though exact too.
+# than torch.sort on this CPU build (python -m lipsort.bench groupsort), though exact too;
+# the eager CPU path of groups of 4 is the fused kernel of _Fused instead.
 _NETWORKS = {2: ((0, 1),)}
 NETWORK_4 = ((0, 1), (2, 3), (0, 2), (1, 3), (1, 2))
 
@@ -240,7 +250,9 @@ def group_sort(x: torch.Tensor, group_size: int, dim: int = 1) -> torch.Tensor:
     the back-propagated gradient, and is 1-Lipschitz in every p-norm. Pairs go through a
     compare-exchange (one bool per pair kept for backward, instead of sort's int64 index per
     unit), also under ``torch.func`` transforms (``vmap``, ``grad``, ``jacrev``, ``jacfwd``)
-    and for double backward; other sizes through ``torch.sort``.
+    and for double backward; groups of 4 of a contiguous CPU float tensor in eager mode through
+    a fused kernel (one byte of source slots per group; ties keep their order); other sizes
+    and other cases through ``torch.sort``.
 
     Args:
         x: input tensor.
@@ -259,8 +271,8 @@ def group_sort(x: torch.Tensor, group_size: int, dim: int = 1) -> torch.Tensor:
                 [0., 1.]])
     """
     _check_tensor(x)
-    if group_size == 2:
-        y = _fused_pairs(x, dim)
+    if group_size in (2, 4):
+        y = _fused(x, dim, group_size)
         if y is not None:
             return y
     grouped, gdim = _grouped(x, group_size, dim)
