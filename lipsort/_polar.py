@@ -151,7 +151,8 @@ def _polar_iterate(v: torch.Tensor, tol: float, max_iters: int, warm, kappa_max:
                 # vectors, so one power step on I − g per step (weights 1 − λ ≥ 0) keeps
                 # sharpening z towards the bottom one, and with it the scaling.
                 gd = g.detach()
-                z = _unit(z - gd @ z)
+                w = z - gd @ z  # zero only if z lies where g = I exactly: keep z then
+                z = torch.where(w.norm() > 0, _unit(w), z)
                 ru_k, rz_k, e = torch.stack(
                     (u @ (gd @ u), z @ (gd @ z), torch.linalg.matrix_norm(e_mat))
                 ).tolist()
