@@ -239,7 +239,7 @@ def test_plus_transpose_takes_the_kernel_only_outside_autograd(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape,dim", [((256, 1024), 1), ((8, 16, 5, 5), 1), ((3, 8), -1),
                                        ((2, 4, 3, 8), 3), ((8, 2, 3), 0), ((0, 8), 1)])
-def test_fused_group_sort_4_equals_torch_sort(shape, dim, dtype):
+def test_fused_group_sort_4_equals_torch_sort(shape, dim, dtype, monkeypatch):
     x = torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(11))
     g = torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(12))
 
@@ -250,11 +250,8 @@ def test_fused_group_sort_4_equals_torch_sort(shape, dim, dtype):
 
     calls = []
     sort4 = _native.sort4
-    try:
-        _native.sort4 = lambda *a: calls.append(1) or sort4(*a)
-        fused = run()
-    finally:
-        _native.sort4 = sort4
+    monkeypatch.setattr(_native, "sort4", lambda *a: calls.append(1) or sort4(*a))
+    fused = run()
     with _native.disabled():
         reference = run()
     assert calls == [1]
