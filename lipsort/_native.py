@@ -81,6 +81,17 @@ static int team(int64_t pairs, int threads) {
     return chunks < 1 ? 1 : (chunks < threads ? (int)chunks : threads);
 }
 
+/* Each thread of a team sized for `work` pairs runs CALL on its contiguous block [lo, hi) of
+   0..total. */
+#define SPLIT(total, work, threads, CALL)                                                    \
+    int nt = team(work, threads);                                                            \
+    _Pragma("omp parallel num_threads(nt) if(nt > 1)")                                       \
+    {                                                                                        \
+        int t = omp_get_thread_num(), n = omp_get_num_threads();                             \
+        int64_t lo = (total) * t / n, hi = (total) * (t + 1) / n;                            \
+        CALL;                                                                                \
+    }
+
 #define DEFINE(T, SFX)                                                                       \
 static void fwd_##SFX(const T *x, T *y, uint8_t *keep, int64_t o0, int64_t o1, int64_t inner) { \
     if (inner == 1) {                                                                        \
@@ -131,21 +142,11 @@ static void bwd_##SFX(const T *g, const uint8_t *keep, T *out, int64_t o0, int64
 }                                                                                            \
 void lipsort_cx_forward_##SFX(const T *x, T *y, uint8_t *keep, int64_t outer, int64_t inner, \
                               int threads) {                                                 \
-    int nt = team(outer * inner, threads);                                                   \
-    _Pragma("omp parallel num_threads(nt) if(nt > 1)")                                       \
-    {                                                                                        \
-        int t = omp_get_thread_num(), n = omp_get_num_threads();                             \
-        fwd_##SFX(x, y, keep, outer * t / n, outer * (t + 1) / n, inner);                    \
-    }                                                                                        \
+    SPLIT(outer, outer * inner, threads, fwd_##SFX(x, y, keep, lo, hi, inner))              \
 }                                                                                            \
 void lipsort_cx_backward_##SFX(const T *g, const uint8_t *keep, T *out, int64_t outer,       \
                                int64_t inner, int threads) {                                 \
-    int nt = team(outer * inner, threads);                                                   \
-    _Pragma("omp parallel num_threads(nt) if(nt > 1)")                                       \
-    {                                                                                        \
-        int t = omp_get_thread_num(), n = omp_get_num_threads();                             \
-        bwd_##SFX(g, keep, out, outer * t / n, outer * (t + 1) / n, inner);                  \
-    }                                                                                        \
+    SPLIT(outer, outer * inner, threads, bwd_##SFX(g, keep, out, lo, hi, inner))             \
 }
 
 /* out = a + sign * a^T for each of `batch` contiguous d x d matrices, by 32 x 32 tiles so that
@@ -213,23 +214,11 @@ static void gs4_bwd_##SFX(const T *g, const uint8_t *code, T *out, int64_t n0, i
 }                                                                                            \
 void lipsort_gs4_forward_##SFX(const T *x, T *y, uint8_t *code, int64_t outer, int64_t inner,\
                                int threads) {                                                \
-    int64_t groups = outer * inner;                                                          \
-    int nt = team(2 * groups, threads);                                                      \
-    _Pragma("omp parallel num_threads(nt) if(nt > 1)")                                       \
-    {                                                                                        \
-        int t = omp_get_thread_num(), n = omp_get_num_threads();                             \
-        gs4_fwd_##SFX(x, y, code, groups * t / n, groups * (t + 1) / n, inner);              \
-    }                                                                                        \
+    SPLIT(outer * inner, 2 * outer * inner, threads, gs4_fwd_##SFX(x, y, code, lo, hi, inner)) \
 }                                                                                            \
 void lipsort_gs4_backward_##SFX(const T *g, const uint8_t *code, T *out, int64_t outer,      \
                                 int64_t inner, int threads) {                                \
-    int64_t groups = outer * inner;                                                          \
-    int nt = team(2 * groups, threads);                                                      \
-    _Pragma("omp parallel num_threads(nt) if(nt > 1)")                                       \
-    {                                                                                        \
-        int t = omp_get_thread_num(), n = omp_get_num_threads();                             \
-        gs4_bwd_##SFX(g, code, out, groups * t / n, groups * (t + 1) / n, inner);            \
-    }                                                                                        \
+    SPLIT(outer * inner, 2 * outer * inner, threads, gs4_bwd_##SFX(g, code, out, lo, hi, inner)) \
 }
 
 #ifdef __cplusplus

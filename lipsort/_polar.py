@@ -1,7 +1,8 @@
 """The certified polar factor behind :func:`lipsort.functional.polar` (see its docstring).
 
 Scaled Björck steps without gradient until a rigorous bound certifies the tolerance, and the
-exact derivative of the polar factor from its Lyapunov equation (conjugate gradients).
+exact derivative of the polar factor from its Lyapunov equation (conjugate gradients, or an
+eigendecomposition where the spectrum is wide).
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ def default_tol(dtype: torch.dtype) -> float:
     # float32: 1e-6, a few times its rounding floor on σ (~3e-7 for a 1024-wide Gram).
     return 1e-12 if dtype == torch.float64 else max(1e-6, 8 * torch.finfo(dtype).eps)
 
+
+#: What the latest call did, for ``python -m lipsort.bench``: ``steps``, the Björck steps that
+#: certified the forward, ``tracked``, how many of them autograd records, and ``backward``, how
+#: the implicit backward solved the Lyapunov equation.
+last: dict = {}
 
 # Above this estimated condition number of the weight, back-propagating through the steps
 # (3 products each) is cheaper than the implicit backward's conjugate gradients (~6√κ).
@@ -91,6 +97,7 @@ def _polar_iterate(v: torch.Tensor, tol: float, max_iters: int, warm, kappa_max:
     estimates, ``tracked`` whether ``q`` carries the autograd graph of the steps) or ``None``
     when ``max_iters`` steps do not certify.
     """
+    last.clear()
     d = v.shape[-1]
     eye = torch.eye(d, dtype=v.dtype, device=v.device)
     tiny = torch.finfo(v.dtype).tiny
@@ -163,6 +170,7 @@ def _polar_iterate(v: torch.Tensor, tol: float, max_iters: int, warm, kappa_max:
                     # back-propagate only through the steps taken so far.
                     anchor = (x, 1.0, gd, e)
                     tracked = False
+                    last.update(tracked=k)
                     x, g = x.detach(), gd
             # Chen & Chow's scaling: α² (l² + l t + t²) = 3 maps [l, t] onto [f(αl), 1] with
             # f(αl) = f(αt), the widest interval one step can close. An over-estimated l
@@ -192,6 +200,7 @@ def _polar_iterate(v: torch.Tensor, tol: float, max_iters: int, warm, kappa_max:
         step.diagonal().add_(1.5 * alpha - 1)
         x = torch.addmm(x, x, step)
         if certified:
+            last.update(steps=k + 1, tracked=k + 1 if tracked else last.get("tracked", 0))
             return x, anchor, u, z
     return None
 
@@ -210,9 +219,11 @@ def _lyapunov_skew(h: torch.Tensor, c: torch.Tensor, rtol: float, max_iters: int
 
     rr = dot(r, r)
     target = rtol * rtol * rr
+    products = 0
     for _ in range(max_iters):
         if rr <= target:
             break
+        products += 1
         hp = h @ p
         lp = plus_transpose(hp, -1)  # exactly skew, so the residual stays exactly skew
         step = rr / dot(p, lp)
@@ -220,21 +231,54 @@ def _lyapunov_skew(h: torch.Tensor, c: torch.Tensor, rtol: float, max_iters: int
         r.sub_(lp, alpha=step)
         rr, rr_old = dot(r, r), rr
         p.mul_(rr / rr_old).add_(r)
+    last.update(backward=f"conjugate gradients, {products} products")
     return z
+
+
+# A symmetric eigendecomposition of a d×d matrix costs about this many d×d products on CPU
+# (torch.linalg.eigh against a product, float32 and float64, 2 threads of an Intel Xeon: 18–39
+# at d ≤ 128, 16–23 at 256, 9–11 at 512, 6–8 from 1024). GPU eigensolvers are far slower
+# relative to their products: conjugate gradients there.
+def _eigh_products(d: int, device: torch.device) -> float | None:
+    if device.type != "cpu":
+        return None
+    return 35.0 if d <= 128 else 23.0 if d <= 256 else 11.0 if d <= 512 else 8.0
+
+
+def _cg_iterations(kappa: float, rtol: float) -> float:
+    """Conjugate-gradient iterations to reduce the residual by ``rtol`` at condition ``kappa``
+    (the classical bound ``2((√κ − 1)/(√κ + 1))^k``; in practice often fewer)."""
+    s = math.sqrt(kappa)
+    if not s < 1e12:
+        return math.inf
+    return math.log(2 / rtol) / math.log((s + 1) / max(s - 1, 1e-300)) if s > 1 + 1e-12 else 1.0
+
+
+def use_eigh(d: int, device: torch.device, kappa: float, rtol: float) -> bool:
+    """Whether the Lyapunov solve of the backward is cheaper by eigendecomposition than by
+    conjugate gradients (each step a product plus a transpose-add, ~1.5 products)."""
+    cost = _eigh_products(d, device)
+    return cost is not None and 1.5 * _cg_iterations(kappa, rtol) > cost + 4
+
+
+def _lyapunov_skew_eigh(lam: torch.Tensor, basis: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``h z + z h = c`` from ``h = B diag(λ) Bᵀ``: ``z = B ((Bᵀ c B) ⊘ (λᵢ + λⱼ)) Bᵀ``."""
+    z = basis @ ((basis.mT @ c @ basis) / (lam[:, None] + lam[None, :])) @ basis.mT
+    return plus_transpose(z, -1).mul_(0.5)  # exactly skew, as c
 
 
 class _PolarGrad(torch.autograd.Function):
     """Identity on the polar factor ``q`` of ``w``; backward: the exact derivative of ``w ↦ q``."""
 
     @staticmethod
-    def forward(ctx, w, q, g0, scale, e0, grad_tol):
-        ctx.save_for_backward(w, q, g0)
+    def forward(ctx, w, q, g0, scale, e0, grad_tol, top, bottom):
+        ctx.save_for_backward(w, q, g0, top, bottom)
         ctx.scale, ctx.e0, ctx.grad_tol = scale, e0, grad_tol
         return q.view_as(q)
 
     @staticmethod
     def backward(ctx, grad):
-        v, q, g0 = ctx.saved_tensors
+        v, q, g0, top, bottom = ctx.saved_tensors
         d = q.shape[-1]
         eye = torch.eye(d, dtype=q.dtype, device=q.device)
         # v / scale = Q H. dQ = Q Ω + (I − QQᵀ) dW H⁻¹ with H Ω + Ω H = Qᵀ dW − dWᵀ Q, so the
@@ -248,10 +292,12 @@ class _PolarGrad(torch.autograd.Function):
         # precision: nothing finer can be resolved from it.
         floor = 2 * d * torch.finfo(q.dtype).eps
         if e0 <= max(tol, floor):
+            last.update(backward="H = I")
             gw = torch.mm(q, c).mul_(0.5)
             if tall:
                 gw.add_(grad).sub_(q @ a)
         elif e0 * e0 <= tol:  # H = I + E/2 + O(E²) with E = g0 − I: first order is enough
+            last.update(backward="first order in H − I")
             e_mat = g0 - eye
             ec = e_mat @ c
             z = 0.5 * c - 0.125 * plus_transpose(ec, -1)
@@ -259,11 +305,27 @@ class _PolarGrad(torch.autograd.Function):
         else:
             h = q.mT @ (v / ctx.scale)
             h = plus_transpose(h, 1).mul_(0.5)
-            gw = q @ _lyapunov_skew(h, c, tol)
-            if tall:
-                chol = torch.linalg.cholesky(h)
-                gw = gw + torch.cholesky_solve((grad - q @ a).mT, chol).mT
-        return gw.div_(ctx.scale), None, None, None, None, None
+            # κ(h) = κ(v), estimated from the refined extreme singular vectors of the forward
+            # (Rayleigh quotients: an under-estimate, which errs towards conjugate gradients).
+            ru, rz = torch.stack((top @ (g0 @ top), bottom @ (g0 @ bottom))).tolist()
+            kappa = math.sqrt(ru / rz) if rz > 0 else math.inf
+            lam = basis = None
+            if use_eigh(d, q.device, kappa, tol):
+                lam, basis = torch.linalg.eigh(h)
+                if not bool(lam[0] > 0):  # h is not positive definite to working precision
+                    lam = basis = None
+            if lam is not None:
+                last.update(backward=f"eigendecomposition (κ ≈ {kappa:.3g})")
+                gw = q @ _lyapunov_skew_eigh(lam, basis, c)
+                if tall:  # (I − QQᵀ) G H⁻¹ with H⁻¹ = B diag(1/λ) Bᵀ
+                    gw = gw + ((grad - q @ a) @ basis).div_(lam) @ basis.mT
+            else:
+                gw = q @ _lyapunov_skew(h, c, tol)
+                last["backward"] += f" (κ ≈ {kappa:.3g})"
+                if tall:
+                    chol = torch.linalg.cholesky(h)
+                    gw = gw + torch.cholesky_solve((grad - q @ a).mT, chol).mT
+        return gw.div_(ctx.scale), None, None, None, None, None, None, None
 
 
 def solve(w: torch.Tensor, tol: float, max_iters: int, warm, grad_tol: float):
@@ -279,5 +341,5 @@ def solve(w: torch.Tensor, tol: float, max_iters: int, warm, grad_tol: float):
             warm[0].copy_(u)
             warm[1].copy_(z)
     if anchor is not None and anchor[0].requires_grad and torch.is_grad_enabled():
-        q = _PolarGrad.apply(anchor[0], q, anchor[2], anchor[1], anchor[3], grad_tol)
+        q = _PolarGrad.apply(anchor[0], q, anchor[2], anchor[1], anchor[3], grad_tol, u, z)
     return q.mT if wide else q

@@ -194,13 +194,13 @@ class _Fused(torch.autograd.Function):
         pairs = plan.grouped_shape[plan.gdim] == 2
         y, saved = (_native.compare_exchange if pairs else _native.sort4)(x, plan)
         ctx.save_for_backward(saved)
-        ctx.plan = plan
+        ctx.plan, ctx.pairs = plan, pairs
         return y
 
     @staticmethod
     def backward(ctx, grad):
         (saved,) = ctx.saved_tensors
-        p, pairs = ctx.plan, saved.dtype == torch.bool
+        p, pairs = ctx.plan, ctx.pairs
         if not torch.is_grad_enabled() and _plain(grad):
             return (_native.route if pairs else _native.route4)(grad.contiguous(), saved, p), None
         g = grad.reshape(p.grouped_shape)  # double backward, batched, zero or lazy tensors
@@ -409,8 +409,11 @@ def polar(
     .. math:: \nabla_W = \tfrac1c\left(QZ + (I - QQ^\top)\,G H^{-1}\right),
               \qquad HZ + ZH = Q^\top G - G^\top Q,
 
-    solved to relative residual ``grad_tol`` (by conjugate gradients, or in closed form when
-    :math:`H` is within ``grad_tol`` of :math:`I`). Only the result is kept for backward, not
+    solved to relative residual ``grad_tol`` by conjugate gradients, in closed form when
+    :math:`H` is within ``grad_tol`` of :math:`I`, or, on CPU where the condition number of
+    :math:`W` makes conjugate gradients cost more than an eigendecomposition
+    :math:`H = B\Lambda B^\top`, exactly as :math:`Z = B\big((B^\top C B)_{ij}/(\lambda_i +
+    \lambda_j)\big)B^\top`. Only the result is kept for backward, not
     the iterates. If ``max_iters`` steps do not certify (e.g. a rank-deficient ``w``), it
     returns :func:`bjorck` ``(w, max_iters)`` instead (rigorous pre-scale, gradient through
     the iterations).

@@ -5,6 +5,7 @@ Only the machinery and the correctness columns are asserted, never a speed.
 
 import json
 import math
+import re
 import subprocess
 import sys
 from collections import defaultdict
@@ -44,6 +45,9 @@ def test_cli_quick_run_reports_ratios_and_writes_json(tmp_path, capsys):
     assert plot.stat().st_size > 0
     rows = result["rows"]
     assert {r["bench"] for r in rows} == set(bench.BENCHMARKS)
+    # How the polar factor got there, for every case it runs in: 3 raw weights, 2 + 2 layers.
+    polar = [n for n in result["notes"] if n.startswith("lipsort")]
+    assert len(polar) == 7 and all(re.search(r": [1-9]\d* steps?,? ", n) for n in polar), polar
 
     cases = defaultdict(list)
     for r in rows:

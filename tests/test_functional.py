@@ -328,6 +328,45 @@ def test_polar_gradcheck_both_backward_paths():
     assert torch.autograd.gradcheck(F.polar, (far,))  # ill-conditioned: through the steps
 
 
+@pytest.mark.parametrize("shape", [(40, 32), (32, 32)])
+@pytest.mark.parametrize("eigh", [True, False])
+def test_polar_backward_solvers_give_the_exact_gradient(shape, eigh, monkeypatch):
+    # Singular values over [0.5, 1.5]: the forward is not tracked, the backward solves the
+    # Lyapunov equation; by eigendecomposition or conjugate gradients, the same gradient.
+    u = _svd_polar(_random((shape[0], shape[1]), seed=36))
+    v = _svd_polar(_random((shape[1], shape[1]), seed=37))
+    w = ((u * torch.linspace(0.5, 1.5, shape[1], dtype=DT)) @ v.T).requires_grad_()
+    calls = []
+    solver = F._polar._lyapunov_skew_eigh if eigh else F._polar._lyapunov_skew
+    monkeypatch.setattr(F._polar, "use_eigh", lambda *a: eigh)
+    monkeypatch.setattr(F._polar, solver.__name__, lambda *a: calls.append(1) or solver(*a))
+    g_out = _random(shape, seed=38)
+    (grad,) = torch.autograd.grad(F.polar(w), w, g_out)
+    (ref_grad,) = torch.autograd.grad(_svd_polar(w), w, g_out)
+    assert calls == [1]
+    assert (grad - ref_grad).norm() <= 1e-8 * ref_grad.norm()
+
+
+def test_polar_backward_takes_the_eigendecomposition_for_a_wide_spectrum_on_cpu(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert F._polar.use_eigh(1024, cpu, 500.0, 1e-5) and F._polar.use_eigh(64, cpu, 1e4, 1e-5)
+    assert not F._polar.use_eigh(1024, cpu, 1.05, 1e-5)  # near orthonormal: a few CG steps
+    assert not F._polar.use_eigh(64, cpu, 3.0, 1e-5)  # small: the eigensolver's overhead
+    assert not F._polar.use_eigh(1024, cuda, 1e6, 1e-5)
+    # A raw square float32 weight (σ_min/σ_max ≈ 1e-3): the eigendecomposition's gradient is
+    # within float32's reach of the exact one, where conjugate gradients stop at their tolerance.
+    torch.manual_seed(0)
+    w = torch.nn.Linear(256, 256).weight.detach().clone().requires_grad_()
+    calls = []
+    solver = F._polar._lyapunov_skew_eigh
+    monkeypatch.setattr(F._polar, "_lyapunov_skew_eigh", lambda *a: calls.append(1) or solver(*a))
+    g_out = _random((256, 256), seed=39)
+    (grad,) = torch.autograd.grad(F.polar(w), w, g_out.float())
+    (ref_grad,) = torch.autograd.grad(_svd_polar(w.double()), w, g_out)
+    assert calls == [1]
+    assert (grad.double() - ref_grad).norm() <= 1e-5 * ref_grad.norm()  # CG: 5e-5
+
+
 def test_polar_certifies_its_tolerance_in_float32():
     # Singular values spread over [0.6, 1.5], as after training steps.
     u = _svd_polar(_random((96, 64), seed=26))

@@ -175,9 +175,14 @@ def _bcop(result: dict) -> list[str]:
     return lines
 
 
+def _polar(result: dict) -> list[str]:
+    """What the polar factor did in each case (the notes of ``weights.polar_note``)."""
+    return [f"- {n}" for n in result.get("notes", []) if n.startswith("lipsort")]
+
+
 #: The tables of the performance page, by the name its markers use.
 PAGE_TABLES = {"layer": _layer, "widths": _widths, "bjorck": _bjorck, "activations": _activations,
-               "cache": _cache, "networks": _networks, "bcop": _bcop}  # fmt: skip
+               "cache": _cache, "networks": _networks, "bcop": _bcop, "polar": _polar}  # fmt: skip
 
 
 def page_table(result: dict, name: str) -> str:

@@ -36,7 +36,19 @@ def rel_error(g: torch.Tensor, ref: torch.Tensor) -> float:
     return float((g.to(ref.dtype) - ref).norm() / ref.norm().clamp_min(1e-300))
 
 
-def _bjorck_case(cfg: Config, deel, m: int, k: int, kind: str) -> list[Row]:
+def polar_note(fn) -> str:
+    """What :func:`lipsort.functional.polar` did in ``fn()`` (forward and backward): its step
+    count, the steps autograd recorded, and the backward's Lyapunov solver."""
+    fn()
+    info = dict(_polar.last)
+    steps = info.get("steps", "?")
+    text = f"{steps} step{'' if steps == 1 else 's'}"
+    if info.get("tracked"):
+        text += f", {info['tracked']} back-propagated"
+    return text + (f", backward: {info['backward']}" if "backward" in info else "")
+
+
+def _bjorck_case(cfg: Config, deel, notes: list[str], m: int, k: int, kind: str) -> list[Row]:
     n = cfg.iters
     torch.manual_seed(0)
     # nn.Linear's default initialization: the raw weight a Björck function is applied to.
@@ -82,7 +94,9 @@ def _bjorck_case(cfg: Config, deel, m: int, k: int, kind: str) -> list[Row]:
         forward, backward = grads[name]
         return sigma_error(out), rel_error(backward(forward())[0], ref)
 
-    return measure_case("bjorck", f"{m}x{k} {kind} (nn.Linear init)", impls, cfg, "max|σ-1|", check)
+    case = f"{m}x{k} {kind} (nn.Linear init)"
+    notes.append(f"lipsort polar, {case}: " + polar_note(lambda: grads["lipsort"][1](grads["lipsort"][0]())))
+    return measure_case("bjorck", case, impls, cfg, "max|σ-1|", check)
 
 
 def _iterations_to(error, target: float, lo: int, hi: int) -> int | None:
@@ -104,7 +118,7 @@ def bench_bjorck(cfg: Config, deel, notes: list[str]) -> list[Row]:
         if cfg.tiny
         else [(1024, 784, "tall"), (1024, 1024, "square"), (10, 1024, "wide")]
     )
-    return [row for m, k, kind in shapes for row in _bjorck_case(cfg, deel, m, k, kind)]
+    return [row for m, k, kind in shapes for row in _bjorck_case(cfg, deel, notes, m, k, kind)]
 
 
 def _train(model: nn.Module, x, y, steps: int, lr: float = 1e-3) -> None:
@@ -131,7 +145,8 @@ def layer_contenders(width: int, deel, device, default_only: bool = False) -> di
     return {k: m.to(device) for k, m in out.items()}
 
 
-def layer_rows(cfg: Config, deel, width: int, adam_steps: int, bench: str, default_only=False):
+def layer_rows(cfg: Config, deel, notes: list[str], width: int, adam_steps: int, bench: str,
+               default_only=False):
     """Training step (forward + backward, batch 128) of one square constrained layer."""
     batch = 8 if cfg.tiny else 128
     models = layer_contenders(width, deel, cfg.device, default_only)
@@ -162,13 +177,16 @@ def layer_rows(cfg: Config, deel, width: int, adam_steps: int, bench: str, defau
 
     state = "at init" if adam_steps == 0 else f"after {adam_steps} Adam steps"
     case = f"{width}x{width} layer, batch {batch}, {state}"
-    return measure_case(bench, case, impls, cfg, "max|σ-1|", check, x=width)
+    rows = measure_case(bench, case, impls, cfg, "max|σ-1|", check, x=width)
+    _, forward, backward, _ = impls[0]  # lipsort's default layer, as trained by the bench
+    notes.append(f"lipsort, {case}: " + polar_note(lambda: backward(forward())))
+    return rows
 
 
 def bench_layer(cfg: Config, deel, notes: list[str]) -> list[Row]:
     width = 32 if cfg.tiny else 1024
-    return layer_rows(cfg, deel, width, 0, "layer") + layer_rows(
-        cfg, deel, width, 2 if cfg.tiny else 20, "layer"
+    return layer_rows(cfg, deel, notes, width, 0, "layer") + layer_rows(
+        cfg, deel, notes, width, 2 if cfg.tiny else 20, "layer"
     )
 
 
@@ -177,7 +195,7 @@ def bench_widths(cfg: Config, deel, notes: list[str]) -> list[Row]:
     return [
         row
         for w in widths
-        for row in layer_rows(cfg, deel, w, 2 if cfg.tiny else 20, "widths", default_only=True)
+        for row in layer_rows(cfg, deel, notes, w, 2 if cfg.tiny else 20, "widths", default_only=True)
     ]
 
 
