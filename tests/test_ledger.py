@@ -260,6 +260,24 @@ def test_ledger_tables_have_at_most_six_columns():
     assert widest <= 6, f"a ledger table has {widest} columns"
 
 
+def test_the_latest_partial_run_that_measured_a_claim_is_shown():
+    claims = [Claim(**{**GOOD, "id": "T-a"}), Claim(**{**GOOD, "id": "T-b", "key": "other"})]
+
+    def record(date, steps, **values):
+        return {"results": values, "provenance": {"date": date, "partial": {"steps": steps}}}
+
+    results = {"quick": {}, "full": {}, "quick-partial": {}, "full-partial": {
+        "aa/01_demo": record("2026-01-02", 60, **{"mean.abs": 0.8}),
+        "bb/01_demo": record("2026-01-03", 90, **{"mean.abs": 0.9}),
+        "cc/01_demo": record("2026-01-04", 30, other=1.0),  # newer, but not of T-a
+    }}
+    page = pages.render_reproduction(claims, results)
+    row = next(line for line in page.splitlines() if line.startswith("| `T-a`"))
+    assert "*partial* 0.90" in row and "steps=90" in page
+    status = pages.render_status(results)
+    assert all(f"steps={n}" in status for n in (30, 60, 90))
+
+
 def test_page_marks_partial_runs_and_never_counts_them():
     claims = [Claim(**{**GOOD, "id": "T-a"}), Claim(**{**GOOD, "id": "T-d", "source": "derived"})]
     results = {"quick": {}, "full": {}, "quick-partial": {}, "full-partial": {

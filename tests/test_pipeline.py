@@ -286,10 +286,20 @@ def test_overrides_are_validated_and_recorded_as_partial(tmp_path, capsys, monke
     assert reproduce.main(["--root", str(tmp_path), "-p", "n=5", "01_a"]) == 0
     results = tmp_path / "book" / "results"
     assert not (results / "quick" / "01_a.json").exists()  # never over the clean results
-    record = json.loads((results / "quick-partial" / "01_a.json").read_text())
+    first = reproduce.partial_dir(results, "quick", {"n": 5})
+    record = json.loads((first / "01_a.json").read_text())
     assert record["results"] == {"n": 5.0}
     assert record["provenance"]["partial"] == {"n": 5}
     assert record["provenance"]["profile_values"] == {"n": 3}
+    # another set of overrides sits beside it; the same set again replaces its own record
+    assert reproduce.main(["--root", str(tmp_path), "-p", "n=7", "01_a"]) == 0
+    second = reproduce.partial_dir(results, "quick", {"n": 7})
+    assert second != first and second.parent == first.parent == results / "quick-partial"
+    assert json.loads((first / "01_a.json").read_text())["results"] == {"n": 5.0}
+    assert json.loads((second / "01_a.json").read_text())["results"] == {"n": 7.0}
+    assert sorted(p.name for p in first.parent.iterdir()) == sorted([first.name, second.name])
+    status = (tmp_path / "book" / "status.md").read_text()
+    assert "n=5" in status and "n=7" in status  # both partial runs are listed
     # an override equal to the profile's value is no override: the run is clean
     jobs = reproduce.plan(tmp_path, "quick", chapters=["01_a"], overrides={"n": 3})
     assert jobs[0].partial == {} and jobs[0].results_dir == results / "quick"

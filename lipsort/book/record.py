@@ -202,8 +202,9 @@ def finish(
         results: flat dict ``{dotted.key: finite number}``.
         profile: ``"quick"`` or ``"full"``.
         results_dir: if non-empty, ``<results_dir>/<slug>.json`` is written (before the check,
-            so that failing values are recorded too). A folder named ``<profile>-partial`` (the
-            runner's choice for a run with ``-p`` overrides) marks a partial run: its claims
+            so that failing values are recorded too). A folder named ``<profile>-partial``, or
+            one inside it (the runner's choice for a run with ``-p`` overrides,
+            ``<profile>-partial/<digest>``), marks a partial run: its claims
             are reported, never checked, since fewer steps or seeds need not meet them, and
             it may leave experiments out (their claims show as not in this partial run).
         claims_file: ledger to use instead of :func:`~.ledger.claims_path`.
@@ -243,7 +244,9 @@ def finish(
         raise ValueError(f"profile must be one of {PROFILES}, got {profile!r}")
     results = validate_results(results, slug)
     claims: list[Claim] = claims_for(load_claims(claims_file), slug)
-    partial = bool(results_dir) and Path(results_dir).name.endswith(PARTIAL_SUFFIX)
+    partial = bool(results_dir) and any(
+        part.endswith(PARTIAL_SUFFIX) for part in Path(results_dir).parts[-2:]
+    )
     missing = [c for c in claims if c.key not in results]
     if missing and not partial:
         detail = ", ".join(f"{c.key!r} (claim {c.id})" for c in missing)

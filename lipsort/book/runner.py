@@ -22,10 +22,12 @@ chapter (an interrupted run keeps every chapter it finished), and at the end
 
 ``-p name=value`` (repeatable; values parsed as YAML, like papermill's ``-p``/``-y``) sets a
 parameter on top of the profile. Every name must be a parameter of every selected chapter.
-Such a run is *partial*: its results go to ``book/results/<profile>-partial/<slug>.json``,
-never over the clean results of the profile, with ``provenance.partial`` = the overrides that
-differ from the profile (and ``provenance.profile_values`` = what the profile sets), and the
-ledger page shows them as partial, never as the claim holding.
+Such a run is *partial*: its results go to ``book/results/<profile>-partial/<key>/<slug>.json``
+(``<key>`` a digest of the overrides, :func:`partial_dir`: runs of different parts of a chapter
+sit side by side, a rerun with the same overrides replaces its own), never over the clean
+results of the profile, with ``provenance.partial`` = the overrides that differ from the
+profile (and ``provenance.profile_values`` = what the profile sets), and the ledger page shows
+them as partial, never as the claim holding.
 
 A rerun that reproduces a recorded file exactly (the same results and, in its provenance, the
 same parameters, software, threads and device, from a clean tree) leaves that file as it is:
@@ -39,6 +41,7 @@ failing cell's error and the path of the partially executed notebook.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -50,11 +53,11 @@ from typing import Any
 
 from . import notebooks as ch
 from . import provenance as prov
-from .ledger import CLAIMS_ENV, PROFILES, load_claims
+from .ledger import CLAIMS_ENV, PARTIAL_SUFFIX, PROFILES, load_claims
 from .pages import write_pages
 from .record import write_json
 
-__all__ = ["Job", "Outcome", "plan", "run", "main", "repo_root", "parse_override"]
+__all__ = ["Job", "Outcome", "plan", "run", "main", "repo_root", "parse_override", "partial_dir"]
 
 KERNEL = "python3"
 DEVICES = ("cpu", "cuda")
@@ -191,7 +194,9 @@ def plan(
         partial = {k: v for k, v in overrides.items() if effective.get(k) != v}
         effective.update(overrides)
         # A partial run never overwrites the clean results of its profile.
-        results_dir = root / "book" / "results" / (profile + ("-partial" if partial else ""))
+        results_dir = root / "book" / "results" / profile
+        if partial:
+            results_dir = partial_dir(root / "book" / "results", profile, partial)
         effective["profile"] = profile
         effective["device"] = device
         if seed is not None:
@@ -203,6 +208,19 @@ def plan(
         jobs.append(Job(slug, notebooks / f"{slug}.md", defaults, effective, inject, out_dir / f"{slug}.ipynb",
                         partial, results_dir))
     return jobs
+
+
+def partial_dir(results_root: Path, profile: str, partial: dict[str, Any]) -> Path:
+    """The folder of a run of ``profile`` with the overrides ``partial``:
+    ``<results_root>/<profile>-partial/<first 10 hex digits of the SHA-256 of the overrides as
+    sorted JSON>``.
+
+    Example:
+        >>> partial_dir(Path("r"), "full", {"seeds": [0], "convs": ["rko"]}).as_posix()
+        'r/full-partial/70a2c7d402'
+    """
+    text = json.dumps(partial, sort_keys=True, default=str)
+    return Path(results_root) / (profile + PARTIAL_SUFFIX) / hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
 def _clean_metadata(path: Path) -> None:
@@ -416,7 +434,7 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NAME=VALUE",
         help="set a notebook parameter on top of the profile (repeatable; YAML value); the run is "
-        "recorded as partial in book/results/<profile>-partial/",
+        "recorded as partial in book/results/<profile>-partial/<digest of the overrides>/",
     )
     p.add_argument(
         "--output",
