@@ -1,8 +1,8 @@
 """The certified polar factor behind :func:`lipsort.functional.polar` (see its docstring).
 
 Scaled Björck steps without gradient until a rigorous bound certifies the tolerance, and the
-exact derivative of the polar factor from its Lyapunov equation (conjugate gradients, or an
-eigendecomposition where the spectrum is wide).
+exact derivative of the polar factor from its Lyapunov equation (conjugate gradients, or, on
+CPU, an eigendecomposition where that costs fewer matrix products).
 """
 
 from __future__ import annotations
@@ -19,13 +19,17 @@ def default_tol(dtype: torch.dtype) -> float:
     return 1e-12 if dtype == torch.float64 else max(1e-6, 8 * torch.finfo(dtype).eps)
 
 
-#: What the latest call did, for ``python -m lipsort.bench``: ``steps``, the Björck steps that
-#: certified the forward, ``tracked``, how many of them autograd records, and ``backward``, how
-#: the implicit backward solved the Lyapunov equation.
+#: What the latest call did, for ``python -m lipsort.bench`` (meaningful after one call of
+#: :func:`lipsort.functional.polar` and its backward, not for a network of them): ``steps``, the
+#: Björck steps that certified the forward, ``tracked``, how many of them autograd records,
+#: ``backward``, how the implicit backward solved the Lyapunov equation, ``fallback`` where the
+#: steps did not certify.
 last: dict = {}
 
 # Above this estimated condition number of the weight, back-propagating through the steps
-# (3 products each) is cheaper than the implicit backward's conjugate gradients (~6√κ).
+# (3 products each) is cheaper than the implicit backward's conjugate gradients (~6√κ; on CPU
+# at large widths an eigendecomposition caps that cost, see use_eigh, but the estimate the
+# choice rests on can be far too low for a raw weight, so the steps still decide it).
 _KAPPA_IMPLICIT = 6.0
 
 
@@ -209,7 +213,8 @@ def _lyapunov_skew(h: torch.Tensor, c: torch.Tensor, rtol: float, max_iters: int
     """Solve ``h z + z h = c`` for skew ``c`` (so skew ``z``), ``h`` symmetric positive definite.
 
     Conjugate gradients on the operator ``L(z) = h z + z h = h z − (h z)ᵀ`` (one product per
-    step), which is positive definite on skew matrices with condition number ``κ(h)``.
+    step), which is positive definite on skew matrices with condition number ``κ(h)``. Returns
+    ``(z, converged)``: whether the residual reached ``rtol`` within ``max_iters`` products.
     """
     z = torch.zeros_like(c)
     r, p = c.clone(), c.contiguous().clone()
@@ -232,13 +237,15 @@ def _lyapunov_skew(h: torch.Tensor, c: torch.Tensor, rtol: float, max_iters: int
         rr, rr_old = dot(r, r), rr
         p.mul_(rr / rr_old).add_(r)
     last.update(backward=f"conjugate gradients, {products} products")
-    return z
+    return z, rr <= target
 
 
 # A symmetric eigendecomposition of a d×d matrix costs about this many d×d products on CPU
 # (torch.linalg.eigh against a product, float32 and float64, 2 threads of an Intel Xeon: 18–39
-# at d ≤ 128, 16–23 at 256, 9–11 at 512, 6–8 from 1024). GPU eigensolvers are far slower
-# relative to their products: conjugate gradients there.
+# at d ≤ 128, 16–23 at 256, 9–11 at 512, 6–8 from 1024). With many threads products scale
+# better than eigh, so these favour it more than they should there; the cap on conjugate
+# gradients in the backward bounds what a wrong choice costs (about three times the cheaper).
+# GPU eigensolvers are far slower relative to their products: conjugate gradients there.
 def _eigh_products(d: int, device: torch.device) -> float | None:
     if device.type != "cpu":
         return None
@@ -254,11 +261,18 @@ def _cg_iterations(kappa: float, rtol: float) -> float:
     return math.log(2 / rtol) / math.log((s + 1) / max(s - 1, 1e-300)) if s > 1 + 1e-12 else 1.0
 
 
-def use_eigh(d: int, device: torch.device, kappa: float, rtol: float) -> bool:
-    """Whether the Lyapunov solve of the backward is cheaper by eigendecomposition than by
-    conjugate gradients (each step a product plus a transpose-add, ~1.5 products)."""
+def _eigh_budget(d: int, device: torch.device) -> float | None:
+    """The conjugate-gradient steps that cost what the eigendecomposition solve does (its
+    ``eigh`` and 4 products; each step a product plus a transpose-add, ~1.5 products)."""
     cost = _eigh_products(d, device)
-    return cost is not None and 1.5 * _cg_iterations(kappa, rtol) > cost + 4
+    return None if cost is None else (cost + 4) / 1.5
+
+
+def use_eigh(d: int, device: torch.device, kappa: float, rtol: float) -> bool:
+    """Whether the Lyapunov solve of the backward is predicted cheaper by eigendecomposition
+    than by conjugate gradients at condition number ``kappa``."""
+    budget = _eigh_budget(d, device)
+    return budget is not None and _cg_iterations(kappa, rtol) > budget
 
 
 def _lyapunov_skew_eigh(lam: torch.Tensor, basis: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -305,23 +319,36 @@ class _PolarGrad(torch.autograd.Function):
         else:
             h = q.mT @ (v / ctx.scale)
             h = plus_transpose(h, 1).mul_(0.5)
-            # κ(h) = κ(v), estimated from the refined extreme singular vectors of the forward
-            # (Rayleigh quotients: an under-estimate, which errs towards conjugate gradients).
-            ru, rz = torch.stack((top @ (g0 @ top), bottom @ (g0 @ bottom))).tolist()
-            kappa = math.sqrt(ru / rz) if rz > 0 else math.inf
-            lam = basis = None
-            if use_eigh(d, q.device, kappa, tol):
-                lam, basis = torch.linalg.eigh(h)
-                if not bool(lam[0] > 0):  # h is not positive definite to working precision
-                    lam = basis = None
+            budget = _eigh_budget(d, q.device)
+            z = lam = None
+            if budget is not None:
+                # κ(h) = κ(v), estimated from the refined extreme singular vectors of the
+                # forward (Rayleigh quotients: an under-estimate, by far for a raw weight):
+                # conjugate gradients first unless it already says they cost more, and the
+                # eigendecomposition once they have spent twice that without converging (the
+                # estimate can be a few times low for a modest spread too: 1024×784 raw).
+                ru, rz = torch.stack((top @ (g0 @ top), bottom @ (g0 @ bottom))).tolist()
+                kappa = math.sqrt(ru / rz) if rz > 0 else math.inf
+                tried = ""
+                if not use_eigh(d, q.device, kappa, tol):
+                    z, converged = _lyapunov_skew(h, c, tol, math.ceil(2 * budget))
+                    tried = f"{last['backward']} unconverged, then "
+                    z = z if converged else None
+                if z is None:
+                    lam, basis = torch.linalg.eigh(h)
+                    # Positive definite to working precision, else conjugate gradients.
+                    if not bool(lam[0] > d * torch.finfo(h.dtype).eps * lam[-1]):
+                        lam = None
+                    last.update(backward=f"{tried}eigendecomposition")
+                last["backward"] += f" (κ ≈ {kappa:.3g})"
             if lam is not None:
-                last.update(backward=f"eigendecomposition (κ ≈ {kappa:.3g})")
                 gw = q @ _lyapunov_skew_eigh(lam, basis, c)
                 if tall:  # (I − QQᵀ) G H⁻¹ with H⁻¹ = B diag(1/λ) Bᵀ
                     gw = gw + ((grad - q @ a) @ basis).div_(lam) @ basis.mT
             else:
-                gw = q @ _lyapunov_skew(h, c, tol)
-                last["backward"] += f" (κ ≈ {kappa:.3g})"
+                if z is None:
+                    z, _ = _lyapunov_skew(h, c, tol)
+                gw = q @ z
                 if tall:
                     chol = torch.linalg.cholesky(h)
                     gw = gw + torch.cholesky_solve((grad - q @ a).mT, chol).mT

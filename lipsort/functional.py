@@ -451,7 +451,10 @@ def polar(
         shape = tuple(warm.shape) if isinstance(warm, torch.Tensor) else type(warm).__name__
         raise ValueError(f"warm must be a ({2}, {d}) tensor for a weight of shape {tuple(w.shape)}, got {shape}")
     out = _polar.solve(w, tol, max_iters, warm, grad_tol)
-    return bjorck(w, max_iters) if out is None else out
+    if out is None:
+        _polar.last.update(fallback=f"bjorck(w, {max_iters})")
+        return bjorck(w, max_iters)
+    return out
 
 
 def power_iteration(

@@ -353,18 +353,28 @@ def test_polar_backward_takes_the_eigendecomposition_for_a_wide_spectrum_on_cpu(
     assert not F._polar.use_eigh(1024, cpu, 1.05, 1e-5)  # near orthonormal: a few CG steps
     assert not F._polar.use_eigh(64, cpu, 3.0, 1e-5)  # small: the eigensolver's overhead
     assert not F._polar.use_eigh(1024, cuda, 1e6, 1e-5)
-    # A raw square float32 weight (σ_min/σ_max ≈ 1e-3): the eigendecomposition's gradient is
+
+
+
+@pytest.mark.parametrize("predicted", [True, False])
+def test_polar_backward_on_a_raw_weight_ends_in_the_eigendecomposition(predicted, monkeypatch):
+    # A raw square float32 weight (σ_min/σ_max ≈ 1e-3; after its one back-propagated step H's
+    # condition number is still in the hundreds): whether the estimate predicts it or capped
+    # conjugate gradients find out, the eigendecomposition solves it, and its gradient is
     # within float32's reach of the exact one, where conjugate gradients stop at their tolerance.
     torch.manual_seed(0)
     w = torch.nn.Linear(256, 256).weight.detach().clone().requires_grad_()
-    calls = []
-    solver = F._polar._lyapunov_skew_eigh
-    monkeypatch.setattr(F._polar, "_lyapunov_skew_eigh", lambda *a: calls.append(1) or solver(*a))
+    calls = {"eigh": 0, "cg": 0}
+    eigh, cg = F._polar._lyapunov_skew_eigh, F._polar._lyapunov_skew
+    monkeypatch.setattr(F._polar, "_lyapunov_skew_eigh", lambda *a: calls.update(eigh=calls["eigh"] + 1) or eigh(*a))
+    monkeypatch.setattr(F._polar, "_lyapunov_skew", lambda *a: calls.update(cg=calls["cg"] + 1) or cg(*a))
+    monkeypatch.setattr(F._polar, "use_eigh", lambda *a: predicted)
     g_out = _random((256, 256), seed=39)
     (grad,) = torch.autograd.grad(F.polar(w), w, g_out.float())
     (ref_grad,) = torch.autograd.grad(_svd_polar(w.double()), w, g_out)
-    assert calls == [1]
-    assert (grad.double() - ref_grad).norm() <= 1e-5 * ref_grad.norm()  # CG: 5e-5
+    assert calls == {"eigh": 1, "cg": 0 if predicted else 1}
+    assert "eigendecomposition" in F._polar.last["backward"]
+    assert (grad.double() - ref_grad).norm() <= 1e-5 * ref_grad.norm()  # CG alone: 5e-5
 
 
 def test_polar_certifies_its_tolerance_in_float32():

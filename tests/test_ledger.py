@@ -267,8 +267,8 @@ def test_the_latest_partial_run_that_measured_a_claim_is_shown():
         return {"results": values, "provenance": {"date": date, "partial": {"steps": steps}}}
 
     results = {"quick": {}, "full": {}, "quick-partial": {}, "full-partial": {
-        "aa/01_demo": record("2026-01-02", 60, **{"mean.abs": 0.8}),
-        "bb/01_demo": record("2026-01-03", 90, **{"mean.abs": 0.9}),
+        "aa/01_demo": record("2026-01-03", 90, **{"mean.abs": 0.9}),
+        "bb/01_demo": record("2026-01-02", 60, **{"mean.abs": 0.8}),
         "cc/01_demo": record("2026-01-04", 30, other=1.0),  # newer, but not of T-a
     }}
     page = pages.render_reproduction(claims, results)

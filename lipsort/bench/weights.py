@@ -39,9 +39,14 @@ def rel_error(g: torch.Tensor, ref: torch.Tensor) -> float:
 def polar_note(fn) -> str:
     """What :func:`lipsort.functional.polar` did in ``fn()`` (forward and backward): its step
     count, the steps autograd recorded, and the backward's Lyapunov solver."""
+    _polar.last.clear()
     fn()
     info = dict(_polar.last)
-    steps = info.get("steps", "?")
+    if not info:
+        return "polar not called"
+    if "fallback" in info:
+        return f"not certified: {info['fallback']}"
+    steps = info["steps"]
     text = f"{steps} step{'' if steps == 1 else 's'}"
     if info.get("tracked"):
         text += f", {info['tracked']} back-propagated"

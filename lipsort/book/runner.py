@@ -22,8 +22,8 @@ chapter (an interrupted run keeps every chapter it finished), and at the end
 
 ``-p name=value`` (repeatable; values parsed as YAML, like papermill's ``-p``/``-y``) sets a
 parameter on top of the profile. Every name must be a parameter of every selected chapter.
-Such a run is *partial*: its results go to ``book/results/<profile>-partial/<key>/<slug>.json``
-(``<key>`` a digest of the overrides, :func:`partial_dir`: runs of different parts of a chapter
+Such a run is *partial*: its results go to ``book/results/<profile>-partial/<digest>/<slug>.json``
+(``<digest>`` a digest of the overrides, :func:`partial_dir`: runs of different parts of a chapter
 sit side by side, a rerun with the same overrides replaces its own), never over the clean
 results of the profile, with ``provenance.partial`` = the overrides that differ from the
 profile (and ``provenance.profile_values`` = what the profile sets), and the ledger page shows
