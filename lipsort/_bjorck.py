@@ -14,6 +14,18 @@ three matrix products, where autograd's unrolled graph takes four and records a 
 every operation (on small matrices, the bookkeeping is most of the cost). The forward runs the
 same operations as :func:`plain` (so the weight is bitwise the same either way), and the
 gradient is the exact derivative of the function computed, up to rounding.
+
+Note [converged tail]. Started near the manifold (as BCOP's factors and trained weights are),
+the steps reach the rounding floor of :math:`\|X^\top X - I\|` in a handful of steps and the
+rest of a fixed count of 20 change nothing but rounding. At an orthonormal ``X`` the step's
+Jacobian (any order: :math:`P(0) = I`, :math:`P'(0) = \tfrac12`) is
+:math:`\bar G \mapsto \bar G - \tfrac12 X(X^\top\bar G + \bar G^\top X)`, a projection:
+applying it once or ``m`` times is the same. So the backward applies the adjoint of the
+newest step once for the whole tail of steps after the first whose input is within ``d·eps``
+of orthonormal (:func:`_converged_from`, found by bisection: the error decreases along the
+steps), whose inputs are then at the rounding floor (~δ²), and of every earlier step as usual;
+what it drops is of the size of the rounding it already carries. (For a wide ``X`` the same
+with ``XXᵀ`` and left products.)
 """
 
 from __future__ import annotations
@@ -43,6 +55,33 @@ def _gram(w: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return (_mm(w, wt) if left else _mm(wt, w)), left
 
 
+def prescale(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(w / (a b), a, b)``: ``a = max |wᵢⱼ|`` (so the Gram matrix neither overflows nor
+    underflows) and ``b = ‖(GᵀG)²‖_F^(1/4)`` of ``G = w / a``, per matrix (shapes
+    ``(..., 1, 1)``), so ``a b ≥ ‖W‖₂``; see :func:`lipsort.functional.bjorck_prescale`."""
+    tiny = torch.finfo(w.dtype).tiny
+    # Detached: the result is invariant to this positive rescaling, so its gradient is the same
+    # with or without it, and the subgradient of a max is avoided.
+    amax = w.detach().abs().amax(dim=(-2, -1), keepdim=True).clamp_min(tiny)
+    w = w / amax
+    g, _ = _gram(w)
+    bound = (torch.linalg.matrix_norm(g @ g).clamp_min(tiny) ** 0.25)[..., None, None]
+    return w / bound, amax, bound.detach()
+
+
+def _prescale_adjoint(grad, x: torch.Tensor, g: torch.Tensor, amax: torch.Tensor, bound: torch.Tensor):
+    r"""The cotangent of ``W`` from that of ``X = W / β(W)``, :math:`\beta = \operatorname{tr}
+    (G^4)^{1/8}` (1-homogeneous, ``G`` the Gram matrix on the smaller side, ``β = a b``): with
+    :math:`\nabla\beta = X G_X^3` (:math:`G_X^3 X` for a wide ``X``; :math:`G_X` its Gram
+    matrix, :math:`\operatorname{tr} G_X^4 = 1`),
+    :math:`\bar W = (\bar X - \langle \bar X, X\rangle X G_X^3) / \beta`. Divided by ``b``
+    and ``a`` in turn, as the forward did (their product can underflow)."""
+    left = x.shape[-2] < x.shape[-1]
+    g3 = _mm(_mm(g, g), g)
+    inner = (grad * x).sum(dim=(-2, -1), keepdim=True)
+    return (grad - inner * (_mm(g3, x) if left else _mm(x, g3))).div_(bound).div_(amax)
+
+
 def _horner(q: torch.Tensor, coeffs, eye: torch.Tensor) -> list[torch.Tensor]:
     """``[h_{p-1}, …, h_0]``: ``h_{p-1} = c_{p-1} I + c_p Q``, ``h_j = c_j I + Q h_{j+1}``,
     ``P = h_0``; the same operations as :func:`step`."""
@@ -69,35 +108,76 @@ def plain(w: torch.Tensor, n_iters: int, coeffs) -> torch.Tensor:
     return w
 
 
+def _gram_error(g: torch.Tensor, eye: torch.Tensor) -> torch.Tensor:
+    """``max ‖G − I‖_F / (d·eps)`` over the batch (≤ 1: near the rounding floor)."""
+    return torch.linalg.matrix_norm(g - eye).max() / (g.shape[-1] * torch.finfo(g.dtype).eps)
+
+
+def _converged(g: torch.Tensor, eye: torch.Tensor) -> bool:
+    """Whether ``‖G − I‖_F ≤ d·eps`` for every matrix of the batch."""
+    return bool(_gram_error(g, eye) <= 1)
+
+
+def _converged_from(grams: list[torch.Tensor], eye: torch.Tensor) -> int:
+    """The index of the first step whose Gram error is ``≤ d·eps``, every later one assumed
+    so too (``len(grams)`` if the last is not): on CPU a bisection, ``⌈log₂ n⌉ + 1`` checks
+    (Note [converged tail]); elsewhere all errors in one reduction, one host sync."""
+    n = len(grams)
+    if not grams:
+        return n
+    if grams[0].device.type != "cpu":
+        ok = (torch.stack([_gram_error(g, eye) for g in grams]) <= 1).tolist()
+        return next((i for i in range(n) if all(ok[i:])), n)
+    lo, hi = 0, n  # grams[hi:] converged, the first converged index lies in [lo, hi]
+    if not _converged(grams[-1], eye):
+        return hi
+    hi -= 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if _converged(grams[mid], eye) else (mid + 1, hi)
+    return hi
+
+
 class Steps(torch.autograd.Function):
     """``n_iters`` Björck steps; backward by the adjoint of each step, newest first."""
 
     @staticmethod
-    def forward(ctx, w, n_iters, coeffs):
+    def forward(ctx, w, n_iters, coeffs, prescaled):
         eye = torch.eye(min(w.shape[-2:]), dtype=w.dtype, device=w.device)
         saved = []
-        x = w
+        # The pre-scale's adjoint is hand-written too: through autograd, its few small
+        # operations cost as much as the steps on BCOP's matrices.
+        x, amax, bound = prescale(w) if prescaled else (w, None, None)
         for _ in range(n_iters):
             g, left = _gram(x)
             saved += [x, g]
             x = step(x, g, left, coeffs, eye)
-        ctx.n_iters, ctx.coeffs = n_iters, coeffs
-        # The input is saved as itself (first iterate): a double backward re-runs the steps
-        # differentiably from it.
-        ctx.save_for_backward(*saved)
+        ctx.n_iters, ctx.coeffs, ctx.prescaled = n_iters, coeffs, prescaled
+        # The input is saved (a double backward re-runs everything differentiably from it).
+        ctx.save_for_backward(w, amax, bound, *saved)
         return x
 
     @staticmethod
     def backward(ctx, grad):
-        saved = ctx.saved_tensors
+        w, amax, bound, *saved = ctx.saved_tensors
         coeffs = ctx.coeffs
         if torch.is_grad_enabled():  # create_graph: differentiate the plain loop instead
-            w = saved[0]
             with torch.enable_grad():
-                out = plain(w, ctx.n_iters, coeffs)
-            return torch.autograd.grad(out, w, grad, create_graph=True)[0], None, None
+                out = plain(prescale(w)[0] if ctx.prescaled else w, ctx.n_iters, coeffs)
+            return torch.autograd.grad(out, w, grad, create_graph=True)[0], None, None, None
         eye = torch.eye(saved[1].shape[-1], dtype=grad.dtype, device=grad.device)
-        for i in range(len(saved) - 2, -1, -2):
+        # The input of step `first` is within d·eps of orthonormal, so its output and every
+        # later iterate are at the rounding floor (~δ²): the adjoint of the newest step
+        # stands for all of those. (Not step `first` itself: at d·eps its Jacobian still
+        # differs from the projection by ~δ/2, which grows with d.)
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            first = len(saved) // 2  # inside a CUDA graph: no host sync, so no collapse
+        else:
+            first = _converged_from(saved[1::2], eye) + 1
+        newest = len(saved) - 2
+        for i in range(newest, -1, -2):
+            if first * 2 <= i < newest:
+                continue
             x, g = saved[i], saved[i + 1]
             left = x.shape[-2] < x.shape[-1]
             if len(coeffs) == 2:  # order 1: Ḡ P − ½ X S (or P Ḡ − ½ S X), S = XᵀḠ + ḠᵀX
@@ -123,4 +203,6 @@ class Steps(torch.autograd.Function):
             qbar = term if qbar is None else qbar + term
             sym = plus_transpose(qbar, 1)  # Q = I − G, G = xᵀx (or x xᵀ): Ḡ = −Q̄
             grad = grad - (_mm(sym, x) if left else _mm(x, sym))
-        return grad, None, None
+        if ctx.prescaled:
+            grad = _prescale_adjoint(grad, saved[0], saved[1], amax, bound)
+        return grad, None, None, None

@@ -1,8 +1,9 @@
 """The certified polar factor behind :func:`lipsort.functional.polar` (see its docstring).
 
 Scaled Björck steps without gradient until a rigorous bound certifies the tolerance, and the
-exact derivative of the polar factor from its Lyapunov equation (conjugate gradients, or, on
-CPU, an eigendecomposition where that costs fewer matrix products).
+exact derivative of the polar factor from its Lyapunov equation (a Neumann series near the
+manifold, conjugate gradients, or, on CPU, an eigendecomposition where that costs fewer matrix
+products).
 """
 
 from __future__ import annotations
@@ -275,6 +276,31 @@ def use_eigh(d: int, device: torch.device, kappa: float, rtol: float) -> bool:
     return budget is not None and _cg_iterations(kappa, rtol) > budget
 
 
+def _neumann_steps(e0: float, rtol: float) -> int | None:
+    """Products for :func:`_lyapunov_skew_neumann` to reach relative error ``rtol`` when
+    ``‖g0 − I‖₂ ≤ e0`` (then ``‖H − I‖₂ ≤ ρ = 1 − √(1 − e0)``, H = √g0, and the error
+    shrinks by ρ per product from ``ρ‖Z‖``), or None if ``ρ ≥ 1/2``."""
+    if not 0 <= e0 < 1:
+        return None
+    rho = e0 / (1.0 + math.sqrt(1.0 - e0))  # = 1 − √(1 − e0), without cancellation
+    if not rho < 0.5:
+        return None
+    return max(math.ceil(math.log(rtol) / math.log(rho)) - 1, 0) if rho > 0 else 0
+
+
+def _lyapunov_skew_neumann(h: torch.Tensor, c: torch.Tensor, steps: int) -> torch.Tensor:
+    """``h z + z h = c`` as the fixed point of ``z = (c − (E z + z E)) / 2``, ``E = h − I``:
+    a contraction by ``‖E‖₂``, one product per step, no inner products (no host syncs)."""
+    e = h.clone()
+    e.diagonal().sub_(1.0)
+    z = c * 0.5
+    for _ in range(steps):
+        # E z + z E = E z − (E z)ᵀ for symmetric E and skew z.
+        z = torch.sub(c, plus_transpose(e @ z, -1)).mul_(0.5)
+    last.update(backward=f"Neumann series, {steps} products")
+    return z
+
+
 def _lyapunov_skew_eigh(lam: torch.Tensor, basis: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """``h z + z h = c`` from ``h = B diag(λ) Bᵀ``: ``z = B ((Bᵀ c B) ⊘ (λᵢ + λⱼ)) Bᵀ``."""
     z = basis @ ((basis.mT @ c @ basis) / (lam[:, None] + lam[None, :])) @ basis.mT
@@ -321,7 +347,17 @@ class _PolarGrad(torch.autograd.Function):
             h = plus_transpose(h, 1).mul_(0.5)
             budget = _eigh_budget(d, q.device)
             z = lam = None
-            if budget is not None:
+            # Near the manifold (training) the Neumann series costs no more products than
+            # conjugate gradients' bound at κ(H) ≤ √((1 + e0)/(1 − e0)) (nor than the
+            # eigendecomposition), and far fewer small operations.
+            neumann = _neumann_steps(e0, tol)
+            if (
+                neumann is not None
+                and neumann <= math.ceil(_cg_iterations(math.sqrt((1 + e0) / (1 - e0)), tol))
+                and (budget is None or neumann <= budget)
+            ):
+                z = _lyapunov_skew_neumann(h, c, neumann)
+            elif budget is not None:
                 # κ(h) = κ(v), estimated from the refined extreme singular vectors of the
                 # forward (Rayleigh quotients: an under-estimate, by far for a raw weight):
                 # conjugate gradients first unless it already says they cost more, and the

@@ -15,11 +15,11 @@ certificates).
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
 from . import _bjorck, _l1ball, _native, _polar
-from ._bjorck import _gram
 
 __all__ = [
     "group_sort",
@@ -334,13 +334,7 @@ def bjorck_prescale(w: torch.Tensor) -> torch.Tensor:
         True
     """
     _check_matrix(w)
-    tiny = torch.finfo(w.dtype).tiny
-    # Detached: the result is invariant to this positive rescaling, so its gradient is the same
-    # with or without it, and the subgradient of a max is avoided.
-    w = w / w.detach().abs().amax(dim=(-2, -1), keepdim=True).clamp_min(tiny)
-    g, _ = _gram(w)
-    bound = torch.linalg.matrix_norm(g @ g).clamp_min(tiny) ** 0.25
-    return w / bound[..., None, None]
+    return _bjorck.prescale(w)[0]
 
 
 def bjorck(w: torch.Tensor, n_iters: int = 20, order: int = 1, prescale: bool = True) -> torch.Tensor:
@@ -377,11 +371,12 @@ def bjorck(w: torch.Tensor, n_iters: int = 20, order: int = 1, prescale: bool = 
         raise ValueError(f"n_iters must be a non-negative integer, got {n_iters!r}")
     if w.dim() > 3:  # the steps take 2-D matrices or 3-D batches
         return bjorck(w.reshape(-1, *w.shape[-2:]), n_iters, order, prescale).reshape(w.shape)
-    if prescale:
-        w = bjorck_prescale(w)
     coeffs = _BJORCK_COEFFS[: order + 1]
     if n_iters and w.requires_grad and torch.is_grad_enabled() and _unwrapped(w) and _eager_autograd():
-        return _bjorck.Steps.apply(w, n_iters, coeffs)  # one node with the steps' adjoint
+        # One node with the adjoint of the pre-scale and the steps.
+        return _bjorck.Steps.apply(w, n_iters, coeffs, prescale)
+    if prescale:
+        w = bjorck_prescale(w)
     return _bjorck.plain(w, n_iters, coeffs)
 
 
@@ -409,9 +404,12 @@ def polar(
     .. math:: \nabla_W = \tfrac1c\left(QZ + (I - QQ^\top)\,G H^{-1}\right),
               \qquad HZ + ZH = Q^\top G - G^\top Q,
 
-    solved to relative residual ``grad_tol`` by conjugate gradients, in closed form when
-    :math:`H` is within ``grad_tol`` of :math:`I`, or, on CPU where the condition number of
-    :math:`W` makes conjugate gradients cost more than an eigendecomposition
+    solved to relative accuracy ``grad_tol`` (a residual for conjugate gradients, an error
+    bound for the series) by conjugate gradients, in closed form when
+    :math:`H` is within ``grad_tol`` of :math:`I`, by the Neumann series of
+    :math:`Z = \tfrac12(C - (H - I)Z - Z(H - I))` when :math:`\|H - I\|_2` is small enough
+    that it needs no more products than conjugate gradients would, or, on CPU where the
+    condition number of :math:`W` makes conjugate gradients cost more than an eigendecomposition
     :math:`H = B\Lambda B^\top`, exactly as :math:`Z = B\big((B^\top C B)_{ij}/(\lambda_i +
     \lambda_j)\big)B^\top`. Only the result is kept for backward, not
     the iterates. If ``max_iters`` steps do not certify (e.g. a rank-deficient ``w``), it
@@ -446,6 +444,8 @@ def polar(
         raise ValueError(f"tol must be in (0, 1), got {tol!r}")
     if grad_tol is None:
         grad_tol = 1e-10 if w.dtype == torch.float64 else 1e-5
+    elif not (isinstance(grad_tol, numbers.Real) and 0 < grad_tol < 1):
+        raise ValueError(f"grad_tol must be a number in (0, 1), got {grad_tol!r}")
     d = min(w.shape)
     if warm is not None and (not isinstance(warm, torch.Tensor) or warm.shape != (2, d)):
         shape = tuple(warm.shape) if isinstance(warm, torch.Tensor) else type(warm).__name__

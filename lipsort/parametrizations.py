@@ -23,6 +23,7 @@ Certificates multiply *exact* norms of the effective weights
 from __future__ import annotations
 
 import copy
+import functools
 import numbers
 import weakref
 
@@ -104,12 +105,22 @@ def _cache_key(tensors: tuple[Tensor, ...]):
         return None
 
 
+_SAMPLE = 256  # few: each is a cache line read just before the layer's product (4096 slowed
+# a 1024-wide layer by a few %); a write to the whole weight, as optimizers make, changes any.
+
+
+@functools.lru_cache(maxsize=64)
+def _sample_index(numel: int, device: torch.device) -> Tensor:
+    # Golden-ratio (Weyl) positions spread over rows and columns of any shape, where an even
+    # stride can fall into a few columns (4097 on a 1024-wide weight: one column per row).
+    j = torch.arange(_SAMPLE, dtype=torch.float64)
+    return ((j * 0.6180339887498949) % 1.0 * numel).long().to(device)
+
+
 def _sample(t: Tensor) -> Tensor:
-    """At most 4096 entries of ``t`` spread over all of it (every entry if it is small)."""
+    """At most 256 entries of ``t`` spread over all of it (every entry if it is small)."""
     flat = t.detach().reshape(-1)
-    step = max(1, -(-flat.numel() // 4096))
-    # An odd step when striding, so that the sample walks across the rows and columns.
-    return flat[:: step | 1] if step > 1 else flat
+    return flat if flat.numel() <= _SAMPLE else flat[_sample_index(flat.numel(), flat.device)]
 
 
 def _same_key(a, b) -> bool:
@@ -129,7 +140,7 @@ class EvalCachedConstraint(nn.Module):
     device and shape (an optimizer step, ``load_state_dict``, ``.to()`` and
     ``module.weight = X`` each change one of them), and, because in-place writes through
     ``.data`` (e.g. ``p.data.add_(...)``, used by some optimizers) bypass the version counter,
-    it also compares a fixed sample of up to 4096 entries of each input with a copy. A full
+    it also compares a fixed sample of up to 256 entries of each input with a copy. A full
     comparison would be exact but reads the whole weight at every forward pass, which costs a
     third of the layer itself at batch 256 (``python -m lipsort.bench cache``); a ``.data``
     write that changes only unsampled entries is therefore missed until the next

@@ -44,7 +44,7 @@ def test_cli_quick_run_reports_ratios_and_writes_json(tmp_path, capsys):
     assert meta["tiny"] is True and meta["device"] == "cpu" and meta["torch"] == torch.__version__
     assert plot.stat().st_size > 0
     rows = result["rows"]
-    assert {r["bench"] for r in rows} == set(bench.BENCHMARKS)
+    assert {r["bench"] for r in rows} == {*bench.BENCHMARKS, "bcop_kernel"}  # bcop: two tables
     # How the polar factor got there, for every case it runs in: 3 raw weights, 2 + 2 layers.
     polar = [n for n in result["notes"] if n.startswith("lipsort")]
     assert len(polar) == 7, polar
@@ -82,7 +82,7 @@ def test_cli_quick_run_reports_ratios_and_writes_json(tmp_path, capsys):
             assert r["value"] <= 1 + 1e-5
         elif r["bench"] == "mlp":
             assert r["value"] > 0  # minutes for the A3 run
-        elif r["bench"] == "bcop" and r["impl"] != "unconstrained":
+        elif r["bench"] in ("bcop", "bcop_kernel") and r["impl"] != "unconstrained":
             # Exact singular values: both constructions orthogonal, with the same gradient.
             assert r["value"] < 1e-5 and r["grad_error"] < 1e-4
     assert "× lipsort" in table
@@ -95,7 +95,7 @@ def test_module_entry_point(tmp_path, name, shown):
     done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     rows = json.loads(path.read_text())["rows"]
-    assert {r["bench"] for r in rows} == {name}
+    assert {r["bench"] for r in rows} == ({name, "bcop_kernel"} if name == "bcop" else {name})
     assert all(word in done.stdout for word in shown)
 
 
@@ -103,17 +103,24 @@ def test_bcop_case_compares_the_per_tap_construction():
     from lipsort.bench.convolutions import TINY_LAYERS
 
     res = bench.run(["bcop"], repeat=1, threads=1, min_time=0.001, tiny=True, progress=False)
-    rows = res["rows"]
+    steps = [r for r in res["rows"] if r["bench"] == "bcop"]
+    kernels = [r for r in res["rows"] if r["bench"] == "bcop_kernel"]
     impls = ["lipsort", "per-tap", "per-tap, lipsort Björck", "unconstrained"]
-    assert len(rows) == len(impls) * len(TINY_LAYERS)
+    assert len(steps) == len(impls) * len(TINY_LAYERS)
+    assert len(kernels) == (len(impls) - 1) * len(TINY_LAYERS)
     for net, c_in, c_out, k, size in TINY_LAYERS:
-        case = [r for r in rows if f"{c_in}→{c_out} {k}×{k} @{size}×{size}" in r["case"]]
+        case = [r for r in steps if f"{c_in}→{c_out} {k}×{k} @{size}×{size}" in r["case"]]
         assert sorted(r["impl"] for r in case) == sorted(impls)
         ours, peer, fast, free = (next(r for r in case if r["impl"] == i) for i in impls)
         assert ours["ratio"] == 1.0 and peer["ratio"] == pytest.approx(peer["time_ms"] / ours["time_ms"])
         for r in (ours, peer, fast):
             assert r["metric"] == "max|σ-1|" and r["value"] < 1e-5 and r["grad_error"] < 1e-4
         assert free["grad_error"] is None and free["value"] >= 0
+        # The kernel construction alone: the same three constructions, orthogonal, one gradient.
+        case = [r for r in kernels if f"{c_in}→{c_out} {k}×{k} @{size}×{size}" in r["case"]]
+        assert sorted(r["impl"] for r in case) == sorted(impls[:3])
+        for r in case:
+            assert r["value"] < 1e-5 and r["grad_error"] < 1e-4
 
 
 def test_peak_memory_sees_a_temporary():

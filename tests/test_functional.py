@@ -137,6 +137,81 @@ def test_bjorck_adjoint_is_autograd_through_the_plain_steps(shape, order):
     assert torch.allclose(grad, grad_ref, rtol=0, atol=1e-13 * float(grad_ref.abs().max()))
 
 
+def _near_orthonormal(shape, seed, dtype=torch.float64):
+    u, _, vh = torch.linalg.svd(_random(shape, seed=seed), full_matrices=False)
+    return (u @ vh + 0.05 * _random(shape, seed=seed + 1)).to(dtype)
+
+
+@pytest.mark.parametrize("shape", [(16, 8), (8, 16), (12, 12), (4, 16, 8)])
+@pytest.mark.parametrize("order", [1, 3])
+def test_bjorck_adjoint_collapses_the_converged_tail_exactly(shape, order):
+    # Note [converged tail]: from near the manifold most of 20 steps sit at the rounding floor;
+    # the backward applies one adjoint for them all, and still matches autograd through all 20.
+    from lipsort import _bjorck
+
+    w = _near_orthonormal(shape, 21).requires_grad_()
+    cot = _random(shape, seed=23)
+    coeffs = F._BJORCK_COEFFS[: order + 1]
+    with torch.no_grad():
+        x = F.bjorck_prescale(w).reshape(-1, *shape[-2:])
+        x = x if len(shape) > 2 else x[0]
+        eye, grams = torch.eye(min(shape[-2:]), dtype=w.dtype), []
+        for _ in range(20):
+            g, left = _bjorck._gram(x)
+            grams.append(g)
+            x = _bjorck.step(x, g, left, coeffs, eye)
+    first = _bjorck._converged_from(grams, eye)
+    assert 2 <= first <= 10  # converged within a few steps: most of the backward is skipped
+    assert not _bjorck._converged(grams[first - 1], eye)
+    assert all(_bjorck._converged(g, eye) for g in grams[first:])
+    (grad,) = torch.autograd.grad(F.bjorck(w, 20, order), w, cot)
+    ref = _bjorck.plain(F.bjorck_prescale(w), 20, coeffs)
+    (grad_ref,) = torch.autograd.grad(ref, w, cot)
+    assert float((grad - grad_ref).norm() / grad_ref.norm()) < 1e-14
+
+
+@pytest.mark.parametrize("shape", [(4, 32, 16), (64, 64), (96, 128)])
+def test_bjorck_converged_tail_float32_gradient_is_as_accurate(shape):
+    # In float32 the collapsed backward is as accurate as autograd through every step (the
+    # step whose input first reaches d·eps is not collapsed: its Jacobian is not yet the
+    # projection to float32's precision at larger d).
+    from lipsort import _bjorck
+
+    w64 = _near_orthonormal(shape, 31)
+    cot64 = _random(shape, seed=33)
+    w32, cot32 = w64.float().requires_grad_(), cot64.float()
+    w64 = w32.detach().double().requires_grad_()
+    (ref,) = torch.autograd.grad(F.bjorck(w64, 20), w64, cot64)
+    (ours,) = torch.autograd.grad(F.bjorck(w32, 20), w32, cot32)
+    batch = F.bjorck_prescale(w32)
+    (unrolled,) = torch.autograd.grad(_bjorck.plain(batch, 20, (1.0, 0.5)), w32, cot32)
+
+    def err(g):
+        return float((g.double() - ref).norm() / ref.norm())
+
+    assert err(ours) < 1e-6 and err(ours) <= 1.5 * err(unrolled)
+
+
+def test_bjorck_zero_matrix_gradient_is_finite_where_the_cotangent_is_zero():
+    # The pre-scale of a zero matrix divides by max|w| and by the bound in turn (their product
+    # underflows): the adjoint does the same, so a zero cotangent gives a zero gradient.
+    w = torch.zeros(2, 5, 3, requires_grad=True)
+    (grad,) = torch.autograd.grad(F.bjorck(w, 5), w, torch.zeros(2, 5, 3))
+    assert torch.equal(grad, torch.zeros(2, 5, 3))
+
+
+def test_bjorck_converged_from_bisects_a_decreasing_error():
+    from lipsort import _bjorck
+
+    eye = torch.eye(4, dtype=torch.float64)
+    errors = [1.0, 1e-1, 1e-4, 1e-9, 1e-16, 1e-16, 1e-16]
+    grams = [eye + e * torch.diag(torch.tensor([1.0, 0, 0, 0], dtype=torch.float64)) for e in errors]
+    assert _bjorck._converged_from(grams, eye) == 4
+    assert _bjorck._converged_from(grams[:4], eye) == 4  # none converged: nothing collapses
+    assert _bjorck._converged_from(grams[4:], eye) == 0
+    assert _bjorck._converged_from([], eye) == 0
+
+
 @pytest.mark.parametrize("order", [1, 3])
 def test_bjorck_second_derivatives_and_transforms(order):
     w = _random((7, 4), seed=13).requires_grad_()
@@ -347,6 +422,33 @@ def test_polar_backward_solvers_give_the_exact_gradient(shape, eigh, monkeypatch
     assert (grad - ref_grad).norm() <= 1e-8 * ref_grad.norm()
 
 
+@pytest.mark.parametrize("shape", [(24, 16), (16, 16), (16, 24)])
+def test_polar_backward_near_the_manifold_is_a_neumann_series(shape):
+    # As in training: a perturbed orthonormal weight. ‖H − I‖₂ ≤ 1 − √(1 − e0) makes the
+    # series contract fast enough to beat conjugate gradients' bound, without inner products.
+    w = (_svd_polar(_random(shape, seed=40)) + 0.001 * _random(shape, seed=41)).requires_grad_()
+    g_out = _random(shape, seed=42)
+    (grad,) = torch.autograd.grad(F.polar(w), w, g_out)
+    (ref_grad,) = torch.autograd.grad(_svd_polar(w), w, g_out)
+    assert F._polar.last["backward"].startswith("Neumann series")
+    assert (grad - ref_grad).norm() <= 1e-9 * ref_grad.norm()
+
+
+def test_neumann_series_reaches_its_tolerance():
+    h = torch.eye(20, dtype=DT) + 0.1 * torch.diag(torch.linspace(-1, 1, 20, dtype=DT))
+    c = _random((20, 20), seed=43)
+    c = c - c.T
+    e0 = float(torch.linalg.matrix_norm(h @ h - torch.eye(20, dtype=DT), 2))  # g0 = H²
+    for rtol in (1e-4, 1e-8, 1e-12):
+        steps = F._polar._neumann_steps(e0, rtol)
+        z = F._polar._lyapunov_skew_neumann(h, c, steps)
+        z_ref = F._polar._lyapunov_skew_eigh(*torch.linalg.eigh(h), c)
+        assert (z - z_ref).norm() <= rtol * z_ref.norm()
+        assert torch.equal(z, -z.T)
+    assert F._polar._neumann_steps(0.8, 1e-5) is None  # ρ ≥ 1/2: conjugate gradients
+    assert F._polar._neumann_steps(0.0, 1e-5) == 0  # H = I: Z = C/2
+
+
 def test_polar_backward_takes_the_eigendecomposition_for_a_wide_spectrum_on_cpu(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert F._polar.use_eigh(1024, cpu, 500.0, 1e-5) and F._polar.use_eigh(64, cpu, 1e4, 1e-5)
@@ -464,6 +566,7 @@ def test_group_sort_4_jacobian_is_a_permutation_even_at_ties():
         (lambda: F.polar(torch.zeros(2, 3, 3)), "one"),
         (lambda: F.polar(torch.eye(3), tol=2), "tol must be in"),
         (lambda: F.polar(torch.eye(3), max_iters=0), "max_iters"),
+        (lambda: F.polar(torch.eye(3), grad_tol=0), "grad_tol"),
         (lambda: F.polar(torch.eye(3), warm=torch.zeros(2, 4)), r"warm must be a \(2, 3\)"),
     ],
 )

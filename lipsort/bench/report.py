@@ -175,6 +175,17 @@ def _bcop(result: dict) -> list[str]:
     return lines
 
 
+def _bcop_kernel(result: dict) -> list[str]:
+    lines = ["| layer | lipsort ms | per-tap | per-tap, lipsort Björck | grad err (lipsort / per-tap) |",
+             "|---|---|---|---|---|"]
+    for case, rows in _grouped(_rows(result, "bcop_kernel")).items():
+        ours, tap, fast = (_pick(rows, impl) for impl in ("lipsort", "per-tap", "per-tap, lipsort Björck"))
+        net, _, shape, kernel, size = case.split(",")[0].split()
+        lines.append(f"| {net} {shape} {kernel} {size.split('×')[0]} | {ours['time_ms']:.2f} | {_vs(tap, '.2f')} "
+                     f"| {_vs(fast, '.2f')} | {_fmt(ours['grad_error'], '.0e')} / {_fmt(tap['grad_error'], '.0e')} |")  # fmt: skip
+    return lines
+
+
 def _polar(result: dict) -> list[str]:
     """What the polar factor did in each case (the notes of ``weights.polar_note``)."""
     return [f"- {n}" for n in result.get("notes", []) if n.startswith("lipsort")]
@@ -182,7 +193,8 @@ def _polar(result: dict) -> list[str]:
 
 #: The tables of the performance page, by the name its markers use.
 PAGE_TABLES = {"layer": _layer, "widths": _widths, "bjorck": _bjorck, "activations": _activations,
-               "cache": _cache, "networks": _networks, "bcop": _bcop, "polar": _polar}  # fmt: skip
+               "cache": _cache, "networks": _networks, "bcop": _bcop, "bcop_kernel": _bcop_kernel,
+               "polar": _polar}  # fmt: skip
 
 
 def page_table(result: dict, name: str) -> str:
