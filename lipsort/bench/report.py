@@ -162,6 +162,12 @@ def _networks(result: dict) -> list[str]:
     return lines
 
 
+def _bcop_layer(case: str) -> str:
+    """``"Small 4→16 2×2 @14"`` from a case ``"Small BCOP 4→16 2×2 @14×14, …"``."""
+    net, _, shape, kernel, size = case.split(",")[0].split()
+    return f"{net} {shape} {kernel} {size.split('×')[0]}"
+
+
 def _bcop(result: dict) -> list[str]:
     lines = ["| layer | lipsort ms | per-tap | per-tap, lipsort Björck | free circular conv | max\\|σ−1\\| (lipsort / per-tap) |",
              "|---|---|---|---|---|---|"]
@@ -169,8 +175,7 @@ def _bcop(result: dict) -> list[str]:
         impls = {r["impl"]: r for r in rows}
         ours, tap, free = (_pick(rows, impl) for impl in ("lipsort", "per-tap", "unconstrained"))
         fast = _vs(impls["per-tap, lipsort Björck"]) if "per-tap, lipsort Björck" in impls else _DASH
-        net, _, shape, kernel, size = case.split(",")[0].split()
-        lines.append(f"| {net} {shape} {kernel} {size.split('×')[0]} | {ours['time_ms']:.1f} | {_vs(tap)} | {fast} | {_vs(free)} "
+        lines.append(f"| {_bcop_layer(case)} | {ours['time_ms']:.1f} | {_vs(tap)} | {fast} | {_vs(free)} "
                      f"| {_fmt(ours['value'], '.0e')} / {_fmt(tap['value'], '.0e')} |")  # fmt: skip
     return lines
 
@@ -180,8 +185,7 @@ def _bcop_kernel(result: dict) -> list[str]:
              "|---|---|---|---|---|"]
     for case, rows in _grouped(_rows(result, "bcop_kernel")).items():
         ours, tap, fast = (_pick(rows, impl) for impl in ("lipsort", "per-tap", "per-tap, lipsort Björck"))
-        net, _, shape, kernel, size = case.split(",")[0].split()
-        lines.append(f"| {net} {shape} {kernel} {size.split('×')[0]} | {ours['time_ms']:.2f} | {_vs(tap, '.2f')} "
+        lines.append(f"| {_bcop_layer(case)} | {ours['time_ms']:.2f} | {_vs(tap, '.2f')} "
                      f"| {_vs(fast, '.2f')} | {_fmt(ours['grad_error'], '.0e')} / {_fmt(tap['grad_error'], '.0e')} |")  # fmt: skip
     return lines
 
