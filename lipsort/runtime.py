@@ -40,8 +40,9 @@ def default_threads() -> int:
 
 
 def seed_everything(seed: int = 0, threads: int | None | str = "env") -> None:
-    """Seed Python, NumPy and torch, enable deterministic algorithms, fix the thread count
-    (``threads="env"``: :func:`default_threads`; ``None``: leave it as is).
+    """Seed Python, NumPy and torch, enable deterministic algorithms, flush subnormal floats to
+    zero on the CPU, fix the thread count (``threads="env"``: :func:`default_threads`; ``None``:
+    leave it as is).
 
     Example:
         >>> seed_everything(3); a = torch.rand(2)
@@ -56,6 +57,11 @@ def seed_everything(seed: int = 0, threads: int | None | str = "env") -> None:
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
+    # Adam's moments of units that stopped receiving gradient decay geometrically into the
+    # subnormal range, where x86 arithmetic is tens of times slower: with 30% of them subnormal
+    # after 200 epochs, an Adam step of a 784-1024³-10 ReLU net took 34 ms instead of 13, and its
+    # epochs grew from 7 s to 24 s. Values below 1.2e-38 change nothing a run reports.
+    torch.set_flush_denormal(True)
     if threads == "env":
         threads = default_threads()
     if threads is not None:

@@ -123,3 +123,23 @@ def test_bad_arguments_name_the_problem():
         C.lenet("bcop")
     with pytest.raises(ValueError, match="divisible by 4"):
         C.lenet("standard", input_size=30)
+
+
+def test_table_summary_and_guarantee_results():
+    from lipsort.experiments import orthogonal_convolutions as xo
+
+    def run(conv, seed, clean, pgd, pgd_cert, lip):
+        return xo.Run("mnist", "small", conv, seed, clean, {1.58: pgd_cert, 0.3: 0.9}, pgd, lip,
+                      history={}, pgd_certified=pgd_cert)
+
+    runs = [run("bcop", 0, 0.97, 0.80, 0.45, 1.0), run("bcop", 1, 0.99, 0.82, 0.47, 1.00001),
+            run("ossn", 0, 0.96, 0.70, 0.44, 1.02)]
+    s = xo.summarize(runs, [1.58, 0.3])
+    assert s["mnist.small.bcop.clean"] == pytest.approx(98.0)
+    assert s["mnist.small.bcop.clean.std"] == pytest.approx(1.0)
+    assert s["mnist.small.bcop.cert158"] == pytest.approx(46.0)
+    assert "mnist.small.ossn.clean.std" not in s  # one seed: no spread
+    g = xo.guarantee_results(runs, "mnist")
+    assert g["mnist.pgd_minus_cert_min"] == pytest.approx(26.0)  # OSSN: 70 - 44
+    assert g["mnist.max_lipschitz"] == 1.00001  # OSSN's 1.02 is not a by-construction bound
+    assert "mnist.max_lipschitz" not in xo.guarantee_results(runs[2:], "mnist")

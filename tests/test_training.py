@@ -511,3 +511,22 @@ def test_setup_takes_the_thread_count_from_omp_num_threads(monkeypatch):
         monkeypatch.setenv("OMP_NUM_THREADS", "two")
         with pytest.raises(ValueError, match="OMP_NUM_THREADS must be a positive integer, got 'two'"):
             lipsort.setup(0)
+
+
+def test_setup_flushes_subnormal_floats_to_zero():
+    import lipsort
+
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush subnormal floats")
+    torch.set_flush_denormal(False)  # on again only if setup turns it on
+    tiny = torch.tensor([1e-39], dtype=torch.float64).float()  # a float32 subnormal
+    assert 0 < tiny.item() < torch.finfo(torch.float32).tiny
+    assert (tiny * 1.0).item() > 0
+    lipsort.setup(0)
+    # an Adam moment that decays without gradient: zero, not a slow subnormal, once below 1.2e-38
+    moment = torch.full((4,), 1e-30)
+    for _ in range(20_000):
+        moment.mul_(0.999)
+        if not moment.any():
+            break
+    assert not moment.any() and (tiny * 1.0).item() == 0.0

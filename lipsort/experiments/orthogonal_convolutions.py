@@ -366,6 +366,19 @@ def summarize(runs: list[Run], radii) -> dict:
     return out
 
 
+def guarantee_results(runs: list[Run], data_name: str) -> dict:
+    """What the certificates promise, checked on ``runs``: ``<data>.pgd_minus_cert_min``, the
+    smallest PGD minus certified accuracy (in points; a certificate holds, so never negative), and
+    ``<data>.max_lipschitz``, the largest certified bound of the networks that are 1-Lipschitz by
+    construction (BCOP, RKO, Björck; OSSN's power iteration only estimates its norm), absent when
+    the runs hold OSSN networks only."""
+    out = {f"{data_name}.pgd_minus_cert_min": min(100 * (r.pgd - r.pgd_certified) for r in runs)}
+    exact = [r.lipschitz for r in runs if r.conv != "ossn"]
+    if exact:
+        out[f"{data_name}.max_lipschitz"] = max(exact)
+    return out
+
+
 def table(summary: dict, data_name: str, radii, published: dict | None = None):
     """Rows ``net, conv``; columns clean / certified / PGD (%), with the paper's numbers."""
     import pandas as pd
