@@ -22,10 +22,12 @@ Jacobian (any order: :math:`P(0) = I`, :math:`P'(0) = \tfrac12`) is
 :math:`\bar G \mapsto \bar G - \tfrac12 X(X^\top\bar G + \bar G^\top X)`, a projection:
 applying it once or ``m`` times is the same. So the backward applies the adjoint of the
 newest step once for the whole tail of steps after the first whose input is within ``d·eps``
-of orthonormal (:func:`_converged_from`, found by bisection: the error decreases along the
-steps), whose inputs are then at the rounding floor (~δ²), and of every earlier step as usual;
-what it drops is of the size of the rounding it already carries. (For a wide ``X`` the same
-with ``XXᵀ`` and left products.)
+of orthonormal (:func:`_converged_from`, found by bisection on CPU, where the error decreases
+along the steps; on other devices every error is read in one sync, and the tail is the steps
+after the last one above ``d·eps``: the two rules differ only where the error wanders about
+the floor, i.e. in which rounding-level step starts the tail), whose inputs are then at the
+rounding floor (~δ²), and of every earlier step as usual; what it drops is of the size of the
+rounding it already carries. (For a wide ``X`` the same with ``XXᵀ`` and left products.)
 """
 
 from __future__ import annotations
@@ -123,7 +125,7 @@ def _converged_from(grams: list[torch.Tensor], eye: torch.Tensor) -> int:
     so too (``len(grams)`` if the last is not): on CPU a bisection, ``⌈log₂ n⌉ + 1`` checks
     (Note [converged tail]); elsewhere all errors in one reduction, one host sync."""
     n = len(grams)
-    if not grams:
+    if not grams or grams[0].numel() == 0:  # an empty batch: nothing to skip
         return n
     if grams[0].device.type != "cpu":
         ok = (torch.stack([_gram_error(g, eye) for g in grams]) <= 1).tolist()

@@ -118,7 +118,8 @@ def _sample_index(numel: int, device: torch.device) -> Tensor:
 
 
 def _sample(t: Tensor) -> Tensor:
-    """At most 256 entries of ``t`` spread over all of it (every entry if it is small)."""
+    """256 entries of ``t`` spread over all of it (every entry if it is small; a few may repeat
+    when it has just over 256)."""
     flat = t.detach().reshape(-1)
     return flat if flat.numel() <= _SAMPLE else flat[_sample_index(flat.numel(), flat.device)]
 

@@ -39,10 +39,15 @@ def default_threads() -> int:
     return int(raw)
 
 
-def seed_everything(seed: int = 0, threads: int | None | str = "env") -> None:
+def seed_everything(
+    seed: int = 0, threads: int | None | str = "env", flush_denormal: bool = True
+) -> None:
     """Seed Python, NumPy and torch, enable deterministic algorithms, flush subnormal floats to
-    zero on the CPU, fix the thread count (``threads="env"``: :func:`default_threads`; ``None``:
-    leave it as is).
+    zero on the CPU (``flush_denormal``), fix the thread count (``threads="env"``:
+    :func:`default_threads`; ``None``: leave it as is).
+
+    The flush is a per-thread flag: it reaches the calling thread and the worker threads torch
+    starts afterwards, so call this before any parallel torch work.
 
     Example:
         >>> seed_everything(3); a = torch.rand(2)
@@ -58,21 +63,24 @@ def seed_everything(seed: int = 0, threads: int | None | str = "env") -> None:
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
     # Adam's moments of units that stopped receiving gradient decay geometrically into the
-    # subnormal range, where x86 arithmetic is tens of times slower: with 30% of them subnormal
-    # after 200 epochs, an Adam step of a 784-1024³-10 ReLU net took 34 ms instead of 13, and its
-    # epochs grew from 7 s to 24 s. Values below 1.2e-38 change nothing a run reports.
-    torch.set_flush_denormal(True)
+    # subnormal range (below 1.2e-38), where x86 arithmetic is many times slower: with 30% of
+    # them subnormal after 200 epochs, an Adam step of a 784-1024³-10 ReLU net took 34 ms
+    # instead of 13 (2 threads) and its epochs grew from 7 s to 24 s. The flush changes the
+    # arithmetic only there: a run stays reproducible, not bit-identical to one without it.
+    torch.set_flush_denormal(flush_denormal)
     if threads == "env":
         threads = default_threads()
     if threads is not None:
         torch.set_num_threads(check_int(threads, "threads"))
 
 
-def setup(seed: int = 0, device: str | torch.device = "cpu", threads: int | None | str = "env") -> torch.device:
+def setup(seed: int = 0, device: str | torch.device = "cpu", threads: int | None | str = "env",
+          flush_denormal: bool = True) -> torch.device:
     """Prepare a reproducible run and return the torch device to use.
 
     ``device`` is ``"cpu"``, ``"cuda"`` (an error if no GPU is visible) or ``"auto"``;
-    ``threads`` as in :func:`seed_everything` (``OMP_NUM_THREADS`` if set, else 2).
+    ``threads`` and ``flush_denormal`` as in :func:`seed_everything` (threads:
+    ``OMP_NUM_THREADS`` if set, else 2).
 
     Example:
         >>> setup(0, "cpu")
@@ -83,7 +91,7 @@ def setup(seed: int = 0, device: str | torch.device = "cpu", threads: int | None
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device='cuda' was requested but torch sees no GPU; use device='cpu' or 'auto'")
-    seed_everything(seed, threads)
+    seed_everything(seed, threads, flush_denormal)
     return device
 
 

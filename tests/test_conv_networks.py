@@ -125,7 +125,7 @@ def test_bad_arguments_name_the_problem():
         C.lenet("standard", input_size=30)
 
 
-def test_table_summary_and_guarantee_results():
+def test_summary_and_guarantee_results_of_table_1_runs():
     from lipsort.experiments import orthogonal_convolutions as xo
 
     def run(conv, seed, clean, pgd, pgd_cert, lip):
@@ -143,3 +143,5 @@ def test_table_summary_and_guarantee_results():
     assert g["mnist.pgd_minus_cert_min"] == pytest.approx(26.0)  # OSSN: 70 - 44
     assert g["mnist.max_lipschitz"] == 1.00001  # OSSN's 1.02 is not a by-construction bound
     assert "mnist.max_lipschitz" not in xo.guarantee_results(runs[2:], "mnist")
+    with pytest.raises(ValueError, match="no mnist runs"):
+        xo.guarantee_results([], "mnist")

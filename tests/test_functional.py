@@ -170,6 +170,22 @@ def test_bjorck_adjoint_collapses_the_converged_tail_exactly(shape, order):
     assert float((grad - grad_ref).norm() / grad_ref.norm()) < 1e-14
 
 
+def test_bjorck_backward_skips_the_converged_tail(monkeypatch):
+    # The adjoint steps the backward applies (one symmetric part each): the steps before the
+    # first converged one, that one, and the newest standing for the rest.
+    from lipsort import _bjorck
+
+    w = _near_orthonormal((12, 12), 21).requires_grad_()
+    applied = []
+    monkeypatch.setattr(_bjorck, "plus_transpose", lambda m, sign: applied.append(1) or m + sign * m.mT)
+    torch.autograd.grad(F.bjorck(w, 20), w, _random((12, 12), seed=23))
+    skipping = len(applied)
+    applied.clear()
+    monkeypatch.setattr(_bjorck, "_converged_from", lambda grams, eye: len(grams))
+    torch.autograd.grad(F.bjorck(w, 20), w, _random((12, 12), seed=23))
+    assert len(applied) == 20 and 3 <= skipping <= 12
+
+
 @pytest.mark.parametrize("shape", [(4, 32, 16), (64, 64), (96, 128)])
 def test_bjorck_converged_tail_float32_gradient_is_as_accurate(shape):
     # In float32 the collapsed backward is as accurate as autograd through every step (the
@@ -181,7 +197,8 @@ def test_bjorck_converged_tail_float32_gradient_is_as_accurate(shape):
     cot64 = _random(shape, seed=33)
     w32, cot32 = w64.float().requires_grad_(), cot64.float()
     w64 = w32.detach().double().requires_grad_()
-    (ref,) = torch.autograd.grad(F.bjorck(w64, 20), w64, cot64)
+    # the reference: autograd through every float64 step (no collapsed tail)
+    (ref,) = torch.autograd.grad(_bjorck.plain(F.bjorck_prescale(w64), 20, (1.0, 0.5)), w64, cot64)
     (ours,) = torch.autograd.grad(F.bjorck(w32, 20), w32, cot32)
     batch = F.bjorck_prescale(w32)
     (unrolled,) = torch.autograd.grad(_bjorck.plain(batch, 20, (1.0, 0.5)), w32, cot32)
@@ -198,6 +215,12 @@ def test_bjorck_zero_matrix_gradient_is_finite_where_the_cotangent_is_zero():
     w = torch.zeros(2, 5, 3, requires_grad=True)
     (grad,) = torch.autograd.grad(F.bjorck(w, 5), w, torch.zeros(2, 5, 3))
     assert torch.equal(grad, torch.zeros(2, 5, 3))
+
+
+def test_bjorck_of_an_empty_batch_has_an_empty_gradient():
+    w = torch.randn(0, 4, 3, requires_grad=True)
+    F.bjorck(w, 5).sum().backward()
+    assert w.grad.shape == (0, 4, 3)
 
 
 @pytest.mark.parametrize("d", [64, 128])

@@ -28,6 +28,8 @@ machine and its load; only ratios within one run are meant to be compared.
   (:func:`lipsort.conv.reference.bcop_kernel_per_tap`, with autograd through its Björck steps
   as in the authors' code, and with lipsort's Björck) and a free circular convolution, with
   the exact max |σ − 1| of each kernel at the layer's input size.
+* ``subnormal``: an Adam step of the paper's standard ReLU MLP whose moments have partly decayed
+  into subnormal floats, flushed to zero (as after :func:`lipsort.setup`) or not (torch's default).
 
 New cases register a runner with :func:`register`.
 """
@@ -46,7 +48,7 @@ import torch
 
 from ._measure import Config, Row
 from .convolutions import bench_bcop
-from .nets import bench_groupsort, bench_mlp
+from .nets import bench_groupsort, bench_mlp, bench_subnormal
 from .peers import deel_torchlip, naive_group_sort, reference_bjorck
 from .weights import bench_bjorck, bench_cache, bench_layer, bench_widths
 
@@ -69,6 +71,7 @@ _RUNNERS: dict[str, Callable] = {
     "cache": bench_cache,
     "mlp": bench_mlp,
     "bcop": bench_bcop,
+    "subnormal": bench_subnormal,
 }
 BENCHMARKS = tuple(_RUNNERS)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -170,3 +171,75 @@ def _critic_rows(cfg: Config, notes: list[str]) -> list[Row]:
     notes.append(f"A3 critic: {steps} steps at batch {batch} (batch assumed; the paper's config gives 150 × 128 iterations)")
     return rows
 
+
+
+def _subnormal_fraction(opt: torch.optim.Optimizer) -> float:
+    """Fraction of Adam's moment entries that are subnormal, read from their bits (a comparison
+    would see zeros while subnormals are flushed)."""
+    count = total = 0
+    for state in opt.state.values():
+        for key in ("exp_avg", "exp_avg_sq"):
+            bits = state[key].view(torch.int32)
+            count += int(((bits & 0x7F800000) == 0).logical_and_((bits & 0x007FFFFF) != 0).sum())
+            total += bits.numel()
+    return count / total
+
+
+def _flushing() -> bool:
+    """Whether the calling thread flushes subnormal floats (a float32 subnormal made by a
+    conversion is then zero)."""
+    return torch.tensor(1e-39, dtype=torch.float64).float().item() == 0.0
+
+
+def bench_subnormal(cfg: Config, deel, notes: list[str]) -> list[Row]:
+    """An Adam step of the paper's standard ReLU MLP late in training, with and without
+    subnormal floats flushed to zero.
+
+    Units that stop receiving gradient decay their moments by β₁, β₂ per step into the subnormal
+    range (below 1.2e-38), where x86 arithmetic takes microcode assists: after 200 epochs 30% of
+    the moments of A9's standard network were subnormal. :func:`lipsort.setup` flushes them; torch
+    keeps them by default. One thread: the flag is per thread, and OpenMP workers take it only
+    when they are created.
+    """
+    if cfg.device.type != "cpu" or not torch.set_flush_denormal(_flushing()):
+        notes.append("subnormal: skipped (the flush is a CPU flag, and this CPU has none)")
+        return []
+    sizes = [24, 32, 32, 32, 10] if cfg.tiny else [784, 1024, 1024, 1024, 10]
+    fraction = 0.3
+    was_flushing = _flushing()
+    contenders = (("lipsort", True, True, "subnormals flushed to zero, as after lipsort.setup"),
+                  ("not flushed", False, True, "torch's default"),
+                  ("no subnormal moments", False, False, "the same moments above the subnormal range"))  # fmt: skip
+    impls, optimizers = [], {}
+    try:
+        torch.set_flush_denormal(False)  # to write the subnormals
+        for name, flush, subnormal, note in contenders:
+            torch.manual_seed(0)
+            net = models.mlp(sizes, "relu", None).to(cfg.device)
+            opt = torch.optim.Adam(net.parameters(), lr=1e-6)
+            gen = torch.Generator().manual_seed(1)
+            for p in net.parameters():
+                p.grad = torch.randn(p.shape, generator=gen).to(cfg.device)
+            opt.step()  # creates the moments
+            for p in net.parameters():
+                dead = (torch.rand(p.shape, generator=gen) < fraction).to(cfg.device)
+                p.grad[dead] = 0.0  # dead units receive no gradient
+                state = opt.state[p]
+                scale = 1e-39 if subnormal else 1e-6  # 1e-6: hundreds of steps above the range
+                state["exp_avg"][dead] = scale * torch.rand(int(dead.sum()), generator=gen).to(cfg.device)
+                state["exp_avg_sq"][dead] = scale * torch.rand(int(dead.sum()), generator=gen).to(cfg.device)
+
+            def step(opt=opt, flush=flush):
+                torch.set_flush_denormal(flush)
+                opt.step()
+
+            optimizers[name] = opt
+            impls.append((name, step, None, note))
+        case = f"Adam step, MLP {'-'.join(map(str, sizes))} ReLU, {fraction:.0%} of moments decayed"
+        rows = measure_case("subnormal", case, impls, replace(cfg, threads=1),
+                            "subnormal fraction after timing", lambda name, out: None)  # fmt: skip
+        for r in rows:  # after every timed step (a first moment leaves the range in ~130)
+            r.value = _subnormal_fraction(optimizers[r.impl])
+    finally:
+        torch.set_flush_denormal(was_flushing)
+    return rows

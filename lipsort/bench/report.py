@@ -190,6 +190,16 @@ def _bcop_kernel(result: dict) -> list[str]:
     return lines
 
 
+def _subnormal(result: dict) -> list[str]:
+    lines = ["| case | flushed (lipsort) | not flushed (torch's default) | no subnormal moments | subnormal fraction (not flushed) |",
+             "|---|---|---|---|---|"]
+    for case, rows in _grouped(_rows(result, "subnormal")).items():
+        ours, slow, fresh = (_pick(rows, impl) for impl in ("lipsort", "not flushed", "no subnormal moments"))
+        lines.append(f"| {case} | {ours['time_ms']:.1f} ms | {_vs(slow, unit=' ms')} | {_vs(fresh, unit=' ms')} "
+                     f"| {slow['value']:.2f} |")  # fmt: skip
+    return lines
+
+
 def _polar(result: dict) -> list[str]:
     """What the polar factor did in each case (the notes of ``weights.polar_note``)."""
     return [f"- {n}" for n in result.get("notes", []) if n.startswith("lipsort")]
@@ -198,7 +208,7 @@ def _polar(result: dict) -> list[str]:
 #: The tables of the performance page, by the name its markers use.
 PAGE_TABLES = {"layer": _layer, "widths": _widths, "bjorck": _bjorck, "activations": _activations,
                "cache": _cache, "networks": _networks, "bcop": _bcop, "bcop_kernel": _bcop_kernel,
-               "polar": _polar}  # fmt: skip
+               "polar": _polar, "subnormal": _subnormal}  # fmt: skip
 
 
 def page_table(result: dict, name: str) -> str:

@@ -372,6 +372,8 @@ def guarantee_results(runs: list[Run], data_name: str) -> dict:
     ``<data>.max_lipschitz``, the largest certified bound of the networks that are 1-Lipschitz by
     construction (BCOP, RKO, Björck; OSSN's power iteration only estimates its norm), absent when
     the runs hold OSSN networks only."""
+    if not runs:
+        raise ValueError(f"no {data_name} runs to check (the run trained no network)")
     out = {f"{data_name}.pgd_minus_cert_min": min(100 * (r.pgd - r.pgd_certified) for r in runs)}
     exact = [r.lipschitz for r in runs if r.conv != "ossn"]
     if exact:
