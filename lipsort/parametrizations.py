@@ -23,15 +23,14 @@ Certificates multiply *exact* norms of the effective weights
 from __future__ import annotations
 
 import copy
-import functools
 import numbers
-import weakref
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from . import functional as F
+from ._eval_cache import EvalCachedConstraint, register as _register
 from ._checks import check_int, check_positive
 
 __all__ = [
@@ -82,135 +81,6 @@ def _check_linear(module, fn_name: str) -> None:
 def _check_finite(w: Tensor, what: str) -> None:
     if not bool(torch.isfinite(w).all()):
         raise ValueError(f"{what}: the weight of shape {tuple(w.shape)} has non-finite entries")
-
-
-# --------------------------------------------------------------------------- eval cache
-
-
-def _cache_key(tensors: tuple[Tensor, ...]):
-    """Cheap fingerprint of the tensors a constrained weight depends on, or None if unavailable.
-
-    Identity (as a weak reference, so a new tensor at a recycled address cannot match),
-    ``_version`` (bumped by every in-place op outside ``.data``: optimizer steps,
-    ``load_state_dict``'s ``copy_``, parametrize's ``set_`` on assignment), ``data_ptr``,
-    dtype, device and shape (changed by ``.to()``/``.double()``, which swap ``.data``).
-    """
-    try:
-        return tuple(
-            (weakref.ref(t), t._version, t.data_ptr(), t.dtype, t.device, t.shape, t.stride())
-            for t in tensors
-        )
-    except (RuntimeError, TypeError, NotImplementedError):
-        # Inference tensors have no version counter; functorch wrappers have no storage.
-        return None
-
-
-_SAMPLE = 256  # few: each is a cache line read just before the layer's product (4096 slowed
-# a 1024-wide layer by a few %); a write to the whole weight, as optimizers make, changes any.
-
-
-@functools.lru_cache(maxsize=64)
-def _sample_index(numel: int, device: torch.device) -> Tensor:
-    # Golden-ratio (Weyl) positions spread over rows and columns of any shape, where an even
-    # stride can fall into a few columns (4097 on a 1024-wide weight: one column per row).
-    j = torch.arange(_SAMPLE, dtype=torch.float64)
-    return ((j * 0.6180339887498949) % 1.0 * numel).long().to(device)
-
-
-def _sample(t: Tensor) -> Tensor:
-    """256 entries of ``t`` spread over all of it (every entry if it is small; a few may repeat
-    when it has just over 256)."""
-    flat = t.detach().reshape(-1)
-    return flat if flat.numel() <= _SAMPLE else flat[_sample_index(flat.numel(), flat.device)]
-
-
-def _same_key(a, b) -> bool:
-    return len(a) == len(b) and all(
-        x[0]() is not None and x[0]() is y[0]() and x[1:] == y[1:] for x, y in zip(a, b)
-    )
-
-
-class EvalCachedConstraint(nn.Module):
-    r"""Base class of the parametrizations: :meth:`constrain` in training, a cache in eval.
-
-    In training mode ``forward(V)`` returns ``constrain(V)`` with its autograd graph. In eval
-    mode the constrained weight is computed once, without gradient, and reused until the
-    tensors it depends on (:meth:`cache_inputs`) or the settings (:meth:`cache_config`) change.
-
-    The cache is keyed on each input's identity, ``_version`` counter, ``data_ptr``, dtype,
-    device and shape (an optimizer step, ``load_state_dict``, ``.to()`` and
-    ``module.weight = X`` each change one of them), and, because in-place writes through
-    ``.data`` (e.g. ``p.data.add_(...)``, used by some optimizers) bypass the version counter,
-    it also compares a fixed sample of up to 256 entries of each input with a copy. A full
-    comparison would be exact but reads the whole weight at every forward pass, which costs a
-    third of the layer itself at batch 256 (``python -m lipsort.bench cache``); a ``.data``
-    write that changes only unsampled entries is therefore missed until the next
-    ``train()``/``eval()`` switch. It is dropped on every
-    ``train()``/``eval()`` switch and is not part of the ``state_dict``, a deep copy or a pickle.
-
-    The cached weight is *detached*: gradients with respect to the weights need train mode,
-    while gradients with respect to the *inputs* (e.g. for adversarial attacks or gradient-norm
-    measurements) still flow in eval mode.
-
-    Example:
-        >>> layer = bjorck_orthonormal(nn.Linear(3, 3)).eval()
-        >>> layer.weight is layer.weight  # computed once, then reused
-        True
-        >>> layer.weight.requires_grad
-        False
-        >>> layer.train().weight.requires_grad
-        True
-    """
-
-    def __init__(self):
-        super().__init__()
-        self._eval_cache = None  # (key, config, snapshots, value)
-
-    def constrain(self, original: Tensor) -> Tensor:
-        """The constrained weight as a function of the free parameter (differentiable)."""
-        raise NotImplementedError
-
-    def cache_inputs(self, original: Tensor) -> tuple[Tensor, ...]:
-        """Every tensor the eval-mode weight depends on."""
-        return (original,)
-
-    def cache_config(self) -> tuple:
-        """Every setting the eval-mode weight depends on."""
-        return ()
-
-    def forward(self, original: Tensor) -> Tensor:
-        if self.training:
-            return self.constrain(original)
-        inputs = self.cache_inputs(original)
-        key = _cache_key(inputs)
-        config = self.cache_config()
-        cached = self._eval_cache
-        if (
-            key is not None
-            and cached is not None
-            and cached[1] == config
-            and _same_key(cached[0], key)
-            and all(torch.equal(s, _sample(t)) for s, t in zip(cached[2], inputs))
-        ):
-            return cached[3]
-        # Out of inference mode so that the cached tensor can be used later by autograd
-        # (an inference tensor cannot be saved for a backward pass, e.g. of an attack).
-        with torch.inference_mode(False), torch.no_grad():
-            value = self.constrain(original)
-            if key is not None:
-                snapshots = tuple(_sample(t).clone() for t in inputs)
-                self._eval_cache = (key, config, snapshots, value)
-        return value
-
-    def train(self, mode: bool = True):
-        self._eval_cache = None
-        return super().train(mode)
-
-    def __getstate__(self):
-        # Weak references cannot be pickled, and a copy must not share the cached tensor.
-        state = super().__getstate__()
-        state["_eval_cache"] = None
-        return state
 
 
 # --------------------------------------------------------------------------- Björck
@@ -344,8 +214,7 @@ def bjorck_orthonormal(
     """
     _check_linear(module, "bjorck_orthonormal")
     parametrization = BjorckOrthonormal(n_iters, order, eval_iters, tol).train(module.training)
-    parametrize.register_parametrization(module, "weight", parametrization)
-    return module
+    return _register(module, parametrization)
 
 
 # --------------------------------------------------------------------------- spectral
@@ -435,8 +304,7 @@ def spectral_normalized(module: nn.Linear, n_power_iters: int = 1) -> nn.Linear:
     parametrization = SpectralNormalized(
         weight.shape[1], n_power_iters, dtype=weight.dtype, device=weight.device
     ).train(module.training)
-    parametrize.register_parametrization(module, "weight", parametrization)
-    return module
+    return _register(module, parametrization)
 
 
 # --------------------------------------------------------------------------- L∞
@@ -503,8 +371,7 @@ def linf_projected(module: nn.Linear, radius: float = 1.0) -> nn.Linear:
     """
     _check_linear(module, "linf_projected")
     parametrization = LinfProjected(radius).train(module.training)
-    parametrize.register_parametrization(module, "weight", parametrization)
-    return module
+    return _register(module, parametrization)
 
 
 # --------------------------------------------------------------------------- export

@@ -79,7 +79,9 @@ def test_cli_quick_run_reports_ratios_and_writes_json(tmp_path, capsys):
         elif r["bench"] == "groupsort" and r["impl"] != "relu":
             assert r["value"] == 0  # all implementations agree exactly
         elif r["bench"] == "cache" and r["metric"] == "max|Δ logits|":
-            assert r["value"] <= 1e-6  # the cached weights are the plain ones
+            # The cached weights are the plain ones; recomputing OSSN's in training mode takes
+            # one more power-iteration step first, so its σ̂ (and logits) move a little.
+            assert r["value"] <= 1e-6 or (r["impl"] == "recompute" and "OSSN" in r["case"])
         elif r["bench"] == "cache" and r["impl"] in ("lipsort", "linf"):
             assert r["value"] <= 1 + 1e-5  # exact norms of the cached weights
         elif r["bench"] == "mlp" and r["metric"] == "max ‖W‖₂" and r["impl"] != "unconstrained":
@@ -92,6 +94,12 @@ def test_cli_quick_run_reports_ratios_and_writes_json(tmp_path, capsys):
             # Exact singular values: both constructions orthogonal, with the same gradient.
             assert r["value"] < 1e-5 and r["grad_error"] < 1e-4
     assert "× lipsort" in table
+
+
+def test_a_quick_run_leaves_the_measured_results_alone(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # where the default book/results/bench/cpu.json would go
+    assert bench.main(["groupsort", *TINY]) == 0
+    assert "wrote" not in capsys.readouterr().out and not (tmp_path / "book").exists()
 
 
 @pytest.mark.parametrize("name,shown", [("groupsort", ("max_min", "relu")), ("bcop", ("BCOP", "per-tap"))])

@@ -264,6 +264,14 @@ def test_eval_cache_identical_and_invalidated_by_an_optimizer_step(conv_cls):
     w2 = layer.weight
     assert w2 is not w and not torch.equal(w2, w)
     assert layer.weight is w2
+    # A write through .data bypasses the version counter; the sample of the free parameters
+    # (a view of their storage) still sees it.
+    free = layer.ortho_orig if conv_cls is BCOP else layer.weight_orig
+    free.data.add_(0.05)  # not a rescaling: Björck's pre-scale would undo that
+    w3 = layer.weight
+    assert w3 is not w2 and not torch.equal(w3, w2)
+    layer.train()
+    assert torch.equal(layer.eval().weight, w3)  # what a fresh evaluation computes
 
 
 def test_eval_mode_keeps_input_gradients():

@@ -521,6 +521,31 @@ def test_eval_cache_not_copied_or_pickled():
     assert param(layer)._eval_cache is not None  # the original keeps its cache
 
 
+def test_eval_weight_getter_keeps_torch_semantics():
+    # The eval-mode getter returns the cache directly; whatever it does not handle falls back
+    # to torch's parametrize getter.
+    torch.manual_seed(16)
+    layer = bjorck_orthonormal(nn.Linear(5, 5, dtype=F64)).eval()
+    w = layer.weight
+    assert layer.weight is w and torch.equal(w, reference_weight(layer))
+    with parametrize.cached():  # torch's own cache context
+        assert torch.equal(layer.weight, w)
+    seen = []  # hooks on the parametrization still see every evaluation
+    handle = param(layer).register_forward_hook(lambda *args: seen.append(1))
+    layer.weight
+    handle.remove()
+    assert seen == [1]
+
+    class Double(nn.Module):
+        def forward(self, x):
+            return 2 * x
+
+    parametrize.register_parametrization(layer, "weight", Double())  # a second, stacked one
+    assert torch.equal(layer.weight, 2 * w)
+    parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
+    assert not parametrize.is_parametrized(layer) and torch.equal(layer.weight, 2 * w)
+
+
 def test_registration_follows_module_mode():
     layer = bjorck_orthonormal(nn.Linear(4, 4).eval())
     assert not param(layer).training

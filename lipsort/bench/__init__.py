@@ -7,8 +7,8 @@ changes hit them alike), the ratio ``time / time of lipsort`` in the same case a
 1: lipsort is faster), an accuracy check, the relative gradient error against a converged
 float64 reference where it applies, the memory autograd keeps for backward and the peak memory
 of one call. It writes the results (with device and versions) to
-``book/results/bench/<device>.json`` (``--json PATH`` elsewhere, ``--no-save`` not at all)
-and, with ``--plot``, the cost-versus-width figure beside it. Absolute times depend on the
+``book/results/bench/<device>.json`` (``--json PATH`` elsewhere, ``--no-save`` not at all; a
+``--quick`` run only with ``--json``) and, with ``--plot``, the cost-versus-width figure beside it. Absolute times depend on the
 machine and its load; only ratios within one run are meant to be compared.
 
 * ``bjorck``: :func:`lipsort.functional.polar` (certified polar factor), ``bjorck`` at a
@@ -19,11 +19,13 @@ machine and its load; only ratios within one run are meant to be compared.
   at its defaults and a plain ``nn.Linear``, at initialization and after 20 Adam steps.
 * ``widths``: the same step after 20 Adam steps for widths 128 to 2048 (a cost curve).
 * ``groupsort``: MaxMin and GroupSort(4) against reshape + sort, deel-torchlip and ReLU.
-* ``cache``: evaluation of a Björck MLP (cached weights) against the plain MLP and against
-  recomputing the weights at every forward pass.
+* ``cache``: evaluation of a Björck MLP, of one layer under each constraint and of Li et
+  al.'s Small network with each orthogonal convolution (cached weights) against the plain
+  layers (:func:`lipsort.frozen`) and against recomputing the weights at every forward pass.
 * ``mlp``: a training step (Adam) of the paper's 784-1024-1024-1024-10 MaxMin MLP, and of
   A3's FullSort critic extrapolated to its 19,200 steps.
-* ``bcop``: a training step (forward + backward, batch 128) of each BCOP layer of Li et al.'s
+* ``bcop``: a training step (forward, and backward of a fixed cotangent to the parameters and,
+  but for a network's first layer, the input; batch 128) of each BCOP layer of Li et al.'s
   Small and Large networks against the per-tap construction
   (:func:`lipsort.conv.reference.bcop_kernel_per_tap`, with autograd through its Björck steps
   as in the authors' code, and with lipsort's Björck) and a free circular convolution, with
@@ -265,7 +267,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", "--tiny", dest="tiny", action="store_true",
                         help="tiny sizes: a smoke test of the machinery, not a benchmark")
     parser.add_argument("--json", metavar="PATH",
-                        help="where to write the JSON results (default book/results/bench/<device>.json)")
+                        help="where to write the JSON results (default book/results/bench/<device>.json; "
+                             "a --quick run writes none unless given this)")
     parser.add_argument("--no-save", action="store_true", help="write no JSON file")
     parser.add_argument("--plot", metavar="PATH", help="also draw the cost-versus-width curves (PNG)")
     args = parser.parse_args(argv)
@@ -276,7 +279,8 @@ def main(argv=None) -> int:
         parser.error(str(err))
     result = run(names, args.device, args.repeat, args.iters, args.threads, args.min_time, args.tiny)
     print(format_table(result))
-    if not args.no_save:
+    # A smoke run must not replace the measured results the performance page is built from.
+    if not args.no_save and (args.json or not args.tiny):
         path = args.json or default_path(device)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w", encoding="utf-8") as fh:

@@ -133,7 +133,12 @@ def _cache(result: dict) -> list[str]:
     for case, rows in _grouped(_rows(result, "cache")).items():
         impls = {r["impl"]: r for r in rows}
         if "plain" in impls:  # a network: its frozen copy and the uncached forward
-            lines.append(f"| {case.removeprefix('eval ').split(' batch')[0]} (Björck, MaxMin) | {impls['lipsort']['time_ms']:.1f} ms "
+            net = case.removeprefix("eval ").split(" batch")[0]
+            if net.startswith("Small network"):  # Li et al.'s, with one kind of convolution
+                net = f"Small network, {net.split()[-1]} convolutions (Björck dense, MaxMin)"
+            else:
+                net += " (Björck, MaxMin)"
+            lines.append(f"| {net} | {impls['lipsort']['time_ms']:.1f} ms "
                          f"| {_vs(impls['plain'], unit=' ms')} | {_vs(impls['recompute'], unit=' ms')} |")  # fmt: skip
         else:  # one layer under each constraint, against nn.Linear
             kinds = " / ".join(f"{impls[k]['time_ms']:.1f}" for k in ("lipsort", "spectral", "linf"))

@@ -250,4 +250,36 @@ def bench_cache(cfg: Config, deel, notes: list[str]) -> list[Row]:
         "cache", f"eval {width}x{width} layer batch {batch}", impls, cfg, "‖W‖₂ or ‖W‖∞",
         lambda name, out: float(F.operator_norm(layers[name].weight.detach(), "inf" if name == "linf" else 2)),
     )
+    return rows + _conv_cache_rows(cfg, batch)
+
+
+def _conv_cache_rows(cfg: Config, batch: int) -> list[Row]:
+    """Li et al.'s Small MNIST network with each orthogonal convolution (Björck dense layers,
+    MaxMin) in eval mode, against its ``frozen`` export (circular ``nn.Conv2d``, ``nn.Linear``)
+    and against recomputing every kernel and weight."""
+    from ..conv import CONVS, bcop_small
+
+    x = torch.rand(batch, 1, 28, 28, device=cfg.device)
+    rows = []
+    for conv in CONVS:
+        torch.manual_seed(0)
+        recompute = bcop_small(conv, n_iters=5 if cfg.tiny else 20).to(cfg.device).train()
+        cached = copy.deepcopy(recompute).eval()
+        plain = P.frozen(cached).eval()
+        with torch.no_grad():
+            reference = plain(x)
+
+        def forward(model):
+            with torch.no_grad():
+                return model(x)
+
+        impls = [
+            ("lipsort", lambda: forward(cached), None, "eval mode, kernels and weights cached"),
+            ("plain", lambda: forward(plain), None, "frozen(): stock nn.Conv2d and nn.Linear"),
+            ("recompute", lambda: forward(recompute), None, "constraints at every forward"),
+        ]
+        rows += measure_case(
+            "cache", f"eval Small network {conv.upper()} batch {batch}", impls, cfg,
+            "max|Δ logits|", lambda name, out: float((out - reference).abs().max()),
+        )
     return rows

@@ -117,7 +117,7 @@ class RKO(CircularConv2d):
     @property
     def weight(self) -> Tensor:
         """The effective kernel (cached in eval mode)."""
-        return self.kernel_map(self.weight_orig)
+        return self.kernel_map.lookup(self.weight_orig)
 
 
 def _rko_bound(module: RKO, norm: str) -> Tensor:
@@ -260,7 +260,7 @@ class OSSN(CircularConv2d):
                 "OSSN normalizes the operator at its input size, which is not known yet: run "
                 "it on an input first, or pass input_size= at construction"
             )
-        return self.kernel_map((self.weight_orig, self.u))
+        return self.kernel_map.lookup((self.weight_orig, self.u))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # `u` takes its shape from the input size: adopt the stored shape before loading.

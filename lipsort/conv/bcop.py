@@ -335,7 +335,7 @@ class BCOP(CircularConv2d):
     @property
     def weight(self) -> Tensor:
         """The effective ``(c_out, c_in, k, k)`` kernel (cached in eval mode)."""
-        return self.kernel_map((self.ortho_orig, self.proj_orig))
+        return self.kernel_map.lookup((self.ortho_orig, self.proj_orig))
 
     def orthogonal_part(self) -> Tensor:
         """``H``, the Björck-orthonormalized ``c_out×c_in`` 1×1 part (in the current mode)."""
