@@ -36,15 +36,16 @@ def _cache_key(tensors: tuple[Tensor, ...]):
         return None
 
 
-_RUN, _RUNS = 16, 16  # 16 runs of 16 consecutive entries: 16 cache lines in float32
+_RUN, _RUNS = 16, 16  # 16 runs of 16 consecutive entries: 64 bytes each in float32
 
 
 def _sample(t: Tensor) -> Tensor:
     """A view of 256 entries of ``t`` (every entry if it has fewer): 16 runs of 16 consecutive
     entries, their starts spread evenly over the flat tensor, so across the rows and, by the
     remainder of the stride, the columns of a weight. Scattered single entries cost each a
-    cache line read just before the layer's product (256 of them slowed a 1024-wide layer's
-    evaluation by 2–3%); a write to the whole weight, as optimizers make, changes any run."""
+    cache line read just before the layer's product (256 of them slowed the evaluation of a
+    784-1024-1024-10 MLP by 2–3%); a write to the whole weight, as optimizers make, changes
+    any run."""
     flat = t.detach().reshape(-1)
     n = flat.numel()
     if n <= _RUN * _RUNS:
