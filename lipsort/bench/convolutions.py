@@ -24,9 +24,6 @@ LAYERS = (
     ("Large", 256, 64, 2, 7),
 )
 TINY_LAYERS = (("tiny", 4, 8, 3, 6), ("tiny", 8, 4, 2, 4))
-# The first layer of each network: its input is the image, which needs no gradient; every
-# other layer's step also back-propagates to its input, as in training.
-_FIRST = {("Small", 4), ("Large", 1), ("tiny", 4)}
 
 
 class _PerTap(nn.Module):
@@ -57,7 +54,7 @@ def _kernel(model: nn.Module) -> torch.Tensor:
     return model.kernel() if isinstance(model, _PerTap) else model.weight
 
 
-def _bcop_case(cfg: Config, net: str, c_in: int, c_out: int, k: int, size: int) -> list[Row]:
+def _bcop_case(cfg: Config, net: str, c_in: int, c_out: int, k: int, size: int, input_grad: bool) -> list[Row]:
     batch = 4 if cfg.tiny else 128
     torch.manual_seed(0)
     layer = BCOP(c_in, c_out, k, cfg.iters, input_size=size)
@@ -77,7 +74,7 @@ def _bcop_case(cfg: Config, net: str, c_in: int, c_out: int, k: int, size: int) 
     # timed as part of every contender's step.
     cot = torch.randn(batch, c_out, size, size, generator=gen).to(cfg.device) / y.numel() ** 0.5
     x64, cot64 = x.to(torch.float64), cot.to(torch.float64)
-    x.requires_grad_((net, c_in) not in _FIRST)
+    x.requires_grad_(input_grad)
 
     def reference_grad(bcop) -> torch.Tensor:
         """The gradient of ⟨layer(x), cot⟩ in the free parameters through the per-tap
@@ -151,4 +148,10 @@ def bench_bcop(cfg: Config, deel, notes: list[str]) -> list[Row]:
         "bcop: max|σ-1| is exact (every singular value of the circular convolution at the "
         "layer's input size, by the FFT); grad err against the per-tap construction in float64"
     )
-    return [row for spec in layers for row in _bcop_case(cfg, *spec)]
+    # A network's first layer takes the image, which needs no gradient; every other layer's
+    # step also back-propagates to its input, as in training.
+    rows, seen = [], set()
+    for spec in layers:
+        rows += _bcop_case(cfg, *spec, input_grad=spec[0] in seen)
+        seen.add(spec[0])
+    return rows

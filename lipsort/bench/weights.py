@@ -215,25 +215,8 @@ def bench_cache(cfg: Config, deel, notes: list[str]) -> list[Row]:
             layers.append(MaxMin())
         layers.append(P.bjorck_orthonormal(nn.Linear(a, b)))
     recompute = nn.Sequential(*layers).to(cfg.device).train()
-    cached = copy.deepcopy(recompute).eval()
-    plain = P.frozen(cached).eval()
     x = torch.rand(batch, sizes[0], device=cfg.device)
-
-    def forward(model):
-        with torch.no_grad():
-            return model(x)
-
-    reference = forward(plain)
-    impls = [
-        ("lipsort", lambda: forward(cached), None, "eval mode, weights cached"),
-        ("plain", lambda: forward(plain), None, "frozen(): stock nn.Linear layers"),
-        ("recompute", lambda: forward(recompute), None, "constraint at every forward"),
-    ]
-    case = f"eval MLP {'-'.join(map(str, sizes))} batch {batch}"
-    rows = measure_case(
-        "cache", case, impls, cfg, "max|Δ logits|",
-        lambda name, out: float((out - reference).abs().max()),
-    )
+    rows = _network_cache_rows(cfg, f"eval MLP {'-'.join(map(str, sizes))} batch {batch}", recompute, x)
     # Every constraint of the library on one layer, cached in eval mode, beside nn.Linear.
     width = sizes[1]
     torch.manual_seed(0)
@@ -245,6 +228,11 @@ def bench_cache(cfg: Config, deel, notes: list[str]) -> list[Row]:
     layers = {k: m.to(cfg.device).eval() for k, m in layers.items()}
     layers["nn.Linear"] = nn.Linear(width, width).to(cfg.device).eval()
     x = torch.rand(batch, width, device=cfg.device)
+
+    def forward(model):
+        with torch.no_grad():
+            return model(x)
+
     impls = [(k, (lambda m=m: forward(m)), None, "eval mode") for k, m in layers.items()]
     rows += measure_case(
         "cache", f"eval {width}x{width} layer batch {batch}", impls, cfg, "‖W‖₂ or ‖W‖∞",
@@ -253,10 +241,31 @@ def bench_cache(cfg: Config, deel, notes: list[str]) -> list[Row]:
     return rows + _conv_cache_rows(cfg, batch)
 
 
+def _network_cache_rows(cfg: Config, case: str, recompute: nn.Module, x) -> list[Row]:
+    """Eval of a constrained network with cached weights, against its ``frozen`` export and
+    against recomputing the weights at every forward pass (``recompute``, in training mode)."""
+    cached = copy.deepcopy(recompute).eval()
+    plain = P.frozen(cached).eval()
+
+    def forward(model):
+        with torch.no_grad():
+            return model(x)
+
+    reference = forward(plain)
+    impls = [
+        ("lipsort", lambda: forward(cached), None, "eval mode, weights cached"),
+        ("plain", lambda: forward(plain), None, "frozen(): stock layers"),
+        ("recompute", lambda: forward(recompute), None, "constraints at every forward"),
+    ]
+    return measure_case(
+        "cache", case, impls, cfg, "max|Δ logits|",
+        lambda name, out: float((out - reference).abs().max()),
+    )
+
+
 def _conv_cache_rows(cfg: Config, batch: int) -> list[Row]:
     """Li et al.'s Small MNIST network with each orthogonal convolution (Björck dense layers,
-    MaxMin) in eval mode, against its ``frozen`` export (circular ``nn.Conv2d``, ``nn.Linear``)
-    and against recomputing every kernel and weight."""
+    MaxMin), as :func:`_network_cache_rows`."""
     from ..conv import CONVS, bcop_small
 
     x = torch.rand(batch, 1, 28, 28, device=cfg.device)
@@ -264,22 +273,5 @@ def _conv_cache_rows(cfg: Config, batch: int) -> list[Row]:
     for conv in CONVS:
         torch.manual_seed(0)
         recompute = bcop_small(conv, n_iters=5 if cfg.tiny else 20).to(cfg.device).train()
-        cached = copy.deepcopy(recompute).eval()
-        plain = P.frozen(cached).eval()
-        with torch.no_grad():
-            reference = plain(x)
-
-        def forward(model):
-            with torch.no_grad():
-                return model(x)
-
-        impls = [
-            ("lipsort", lambda: forward(cached), None, "eval mode, kernels and weights cached"),
-            ("plain", lambda: forward(plain), None, "frozen(): stock nn.Conv2d and nn.Linear"),
-            ("recompute", lambda: forward(recompute), None, "constraints at every forward"),
-        ]
-        rows += measure_case(
-            "cache", f"eval Small network {conv.upper()} batch {batch}", impls, cfg,
-            "max|Δ logits|", lambda name, out: float((out - reference).abs().max()),
-        )
+        rows += _network_cache_rows(cfg, f"eval Small network {conv.upper()} batch {batch}", recompute, x)
     return rows

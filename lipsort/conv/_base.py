@@ -66,6 +66,11 @@ def circular_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Te
         True
     """
     _check_spatial(x, weight.shape[-2:])
+    return _circular_conv2d(x, weight, bias)
+
+
+def _circular_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """:func:`circular_conv2d` without its input-size check (for callers that made it)."""
     return nnf.conv2d(nnf.pad(x, _pads(weight.shape[-2:]), mode="circular"), weight, bias)
 
 
@@ -214,9 +219,7 @@ class CircularConv2d(nn.Module):
             self.input_size = size
         self._prepare(size)
         batched = x if x.dim() == 4 else x.unsqueeze(0)
-        # circular_conv2d without its second check of the input size
-        pads = _pads(self.kernel_size)
-        y = nnf.conv2d(nnf.pad(batched, pads, mode="circular"), self.weight, self.bias)
+        y = _circular_conv2d(batched, self.weight, self.bias)  # the input size is checked above
         return y if x.dim() == 4 else y.squeeze(0)
 
     def _eval_weight(self) -> Tensor:
