@@ -391,8 +391,10 @@ def polar(
 
     Scaled order-1 Björck steps :math:`X \leftarrow \alpha X(\tfrac32 I - \tfrac12\alpha^2
     X^\top X)` (Chen & Chow's scaling, from Rayleigh-quotient estimates of the extreme
-    singular values) run without gradient from :math:`X_0 = W / c`, ``c`` a lower bound of
-    :math:`\|W\|_2`, until a rigorous bound shows that the result has every singular value in
+    singular values, which predict the scalings of every step up to the one expected to
+    certify: those before it run unmeasured) run without gradient from :math:`X_0 = W / c`,
+    ``c`` a lower bound of :math:`\|W\|_2`, until a rigorous bound shows that the result has
+    every singular value in
     :math:`[1 - \text{tol}, 1]`: with :math:`e \ge \|X^\top X - I\|_2` (a Frobenius norm, or
     :math:`\|(X^\top X - I)^2\|_F^{1/2}`) the last step maps every singular value into
     :math:`[\min f(\alpha\sqrt{1 \mp e}), 1]`, :math:`f(s) = \tfrac32 s - \tfrac12 s^3 \le 1`
@@ -404,9 +406,11 @@ def polar(
     .. math:: \nabla_W = \tfrac1c\left(QZ + (I - QQ^\top)\,G H^{-1}\right),
               \qquad HZ + ZH = Q^\top G - G^\top Q,
 
-    solved to relative accuracy ``grad_tol`` (a residual for conjugate gradients, an error
-    bound for the series) by conjugate gradients, in closed form when
-    :math:`H` is within ``grad_tol`` of :math:`I`, by the Neumann series of
+    solved to relative accuracy ``grad_tol`` (a residual for conjugate gradients and
+    Chebyshev's iteration, an error bound for the series) by conjugate gradients, by
+    Chebyshev's iteration on the estimated spectrum of :math:`H` for a well-conditioned
+    weight up to 256 wide (checked by its residual, else conjugate gradients), in closed
+    form when :math:`H` is within ``grad_tol`` of :math:`I`, by the Neumann series of
     :math:`Z = \tfrac12(C - (H - I)Z - Z(H - I))` when :math:`\|H - I\|_2` is small enough
     that it needs no more products than conjugate gradients would, or, on CPU where the
     condition number of :math:`W` makes conjugate gradients cost more than an eigendecomposition
