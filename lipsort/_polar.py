@@ -379,8 +379,8 @@ def _lyapunov_skew_neumann(h: torch.Tensor, c: torch.Tensor, steps: int) -> torc
 # widest estimated κ(H) it is used at (beyond, conjugate gradients adapt to the spectrum), and
 # the widest d×d it is used at: it takes a product or two more than conjugate gradients (whose
 # convergence beats their bound), which its fewer small operations repay only while products
-# are cheap (on 2 CPU threads: a trained 128×128 layer's step 8% faster, 256×256 4%; 1024×1024
-# 7% slower, 8 products against 6).
+# are cheap (on 2 CPU threads, A/B runs of one script: a trained 128×128 layer's step 4–5%
+# faster, 256×256 1–6%; 1024×1024 7% slower, 8 products against 6).
 _CHEBYSHEV_MARGIN = 0.02
 _CHEBYSHEV_KAPPA = 4.0
 _CHEBYSHEV_MAX_WIDTH = 256
