@@ -60,6 +60,9 @@ def _lanczos_extremes(g: torch.Tensor, start: torch.Tensor, steps: int = 8):
         for _ in range(2):  # twice is enough (Kahan): the basis stays orthonormal
             w = w - basis[: j + 1].mT @ (basis[: j + 1] @ w)
         q = _unit(w)  # a breakdown (g ≈ c I) gives noise, still orthogonal: harmless
+    # An exact breakdown (w = 0) leaves zero rows, whose spurious Ritz value 0 would scale the
+    # first step as if the spectrum reached 0: only the rows that span the Krylov space count.
+    basis = basis[basis.norm(dim=-1) > 0.5]
     ritz, vecs = torch.linalg.eigh(basis @ g @ basis.mT)
     top, bottom = basis.mT @ vecs[:, -1], basis.mT @ vecs[:, 0]
     return _unit(top), _unit(bottom), float(ritz[-1]), float(ritz[0])
@@ -110,22 +113,57 @@ _SCHEDULE_MARGIN = 1.5
 def _schedule(lo: float, t: float, tol: float, max_iters: int, first: float | None = None) -> list[float]:
     """Chen & Chow's scalings predicted from estimates ``[lo, t]`` of the extreme singular values.
 
-    In exact arithmetic a step with α maps ``[lo, t]`` into ``[min f(α lo), f(α t)), 1]``, so
-    the scalings up to the first step that would certify (:func:`_error_after` at the
-    predicted ``e = max(1 − lo², t² − 1)``) follow from the first estimates: the steps before
+    In exact arithmetic a step with α maps ``[lo, t]`` into ``[min(f(α lo), f(α t)), 1]``, so
+    the scalings up to the first step expected to certify (:func:`_error_after` at the
+    predicted ``e = max(1 − lo², t² − 1)``, times :data:`_SCHEDULE_MARGIN` after the first
+    step, whose check uses a looser bound) follow from the first estimates: the steps before
     that one need no measurement (no host sync, none of the ~15 small operations a
-    measurement costs, which dominate the step at widths ≤ 256). The estimate of ``lo`` is a
-    Rayleigh quotient (too high, if anything), so the prediction never has too many steps.
-    ``first`` forces the first scaling.
+    measurement costs, which dominate the step at widths ≤ 256). ``first`` forces the first
+    scaling; its ``[lo, t]`` is then a rigorous interval, checked without the margin.
     """
     alphas: list[float] = []
     while len(alphas) < max_iters:
         alpha = first if first is not None and not alphas else math.sqrt(3.0 / (lo * lo + lo * t + t * t))
+        margin = 1.0 if first is not None and not alphas else _SCHEDULE_MARGIN
         alphas.append(alpha)
-        if _error_after(alpha, _SCHEDULE_MARGIN * max(1 - lo * lo, t * t - 1)) <= tol:
+        if _error_after(alpha, margin * max(1 - lo * lo, t * t - 1)) <= tol:
             break
         lo, t = min(_step_map(alpha * lo), _step_map(alpha * t)), 1.0
     return alphas
+
+
+# The first step keeps α² λ_max(g0) at most this times 3: f(ασ) > 0 for every σ, with room
+# for the rounding of the bounds that prove it.
+_ALPHA_SAFETY = 0.99
+# Up to this width a d×d product costs less than LAPACK's Cholesky factorization, whose fixed
+# cost dominates there (at 128 on 2 CPU threads: 19 µs against 105 µs): the first step's bound
+# on λ_max tries the product first.
+_SMALL_WIDTH = 256
+
+
+def _safe_first_scaling(alpha: float, g0: torch.Tensor, e0: float, center: float,
+                        eye: torch.Tensor) -> float:
+    """The first step's α, lowered where needed so that α² λ_max(g0) < 3 rigorously.
+
+    Beyond, f(ασ) < 0 flips that singular direction: the result would still certify but not
+    be the polar factor. The estimates bound λ_max from below only, so an upper bound must
+    prove ``λ_max ≤ L = 0.99·3/α²``: ``1 + e0`` (free); at small widths
+    ``s + ‖(g0 − sI)²‖_F^½`` centred on the estimates' midpoint ``s`` (one product, within
+    ``d^¼`` of the spectrum's half-width); a Cholesky factorization of ``L·I − g0``; else (a
+    stale warm start or a Krylov space that missed the top direction) α comes from the
+    upper bound ``min(1 + e0, ‖g0‖_∞)``.
+    """
+    limit = _ALPHA_SAFETY * 3.0 / (alpha * alpha)
+    if 1 + e0 <= limit:
+        return alpha
+    if g0.shape[-1] <= _SMALL_WIDTH:
+        m = g0 - center * eye
+        if center + math.sqrt(float(torch.linalg.matrix_norm(m @ m))) <= limit:
+            return alpha
+    if int(torch.linalg.cholesky_ex(limit * eye - g0).info) == 0:
+        return alpha
+    bound = min(1 + e0, float(torch.linalg.matrix_norm(g0, ord=math.inf)))
+    return min(alpha, math.sqrt(_ALPHA_SAFETY * 3.0 / bound))
 
 
 def _polar_iterate(v: torch.Tensor, tol: float, max_iters: int, warm, kappa_max: float):
@@ -157,7 +195,7 @@ def _polar_iterate(v: torch.Tensor, tol: float, max_iters: int, warm, kappa_max:
         else:
             scale0 = 1.0
         fro /= amax
-        warm_ok = warm is not None and all(n > 0 for n in warm_norms)
+        warm_ok = warm is not None and all(0 < n < math.inf for n in warm_norms)
         if warm_ok:
             u, z = warm[0] / warm_norms[0], warm[1] / warm_norms[1]
         else:  # deterministic cold start: the eval-mode weight is a function of v alone
@@ -183,7 +221,10 @@ def _polar_iterate(v: torch.Tensor, tol: float, max_iters: int, warm, kappa_max:
             e0 = float(e0)
         if e0 < 0.1:
             # Near the manifold (training): a plain first step, no estimates needed; the
-            # rigorous interval √(1 ∓ e0) predicts the rest.
+            # rigorous interval √(1 ∓ e0) predicts the rest, with ‖E‖₂ ≤ ‖E²‖_F^½ (one
+            # product, which the first step's certificate would take anyway).
+            e_mat = g0 - eye
+            e0 = min(e0, math.sqrt(float(torch.linalg.matrix_norm(e_mat @ e_mat))))
             ru = rz = 1.0
             predict = (math.sqrt(1 - e0), math.sqrt(1 + e0), 1.0)
             if estimates is not None:
@@ -198,8 +239,9 @@ def _polar_iterate(v: torch.Tensor, tol: float, max_iters: int, warm, kappa_max:
     # c ≤ σ_max(x) so λ_max(g0) ≥ 1: clamping the estimate at 1 keeps it a lower bound.
     ru = max(ru, 1.0)
     tracked = v.requires_grad and torch.is_grad_enabled() and ru > kappa_max**2 * max(rz, tiny)
+    lo0, t0 = math.sqrt(min(max(rz, 0.0), ru)), math.sqrt(ru)
     if e0 >= 0.1:
-        predict = (math.sqrt(min(max(rz, 0.0), ru)), math.sqrt(ru), None)
+        predict = (lo0, t0, None)
     # Steps before the last predicted one run unmeasured, where the prediction is reliable: from
     # the rigorous interval, or from warm estimates (a cold Lanczos run's bottom estimate of a
     # raw weight cost 1 step in 7 to 14 when its scalings were not refined). Tracked steps
@@ -207,6 +249,11 @@ def _polar_iterate(v: torch.Tensor, tol: float, max_iters: int, warm, kappa_max:
     predicted = not tracked and (e0 < 0.1 or estimates is not None)
     alphas = _schedule(*predict[:2], tol, max_iters, predict[2]) if predicted else []
     unmeasured = max(len(alphas) - 1, 0)
+    alpha0 = alphas[0] if alphas else math.sqrt(3.0 / (lo0 * lo0 + lo0 * t0 + t0 * t0))
+    with torch.no_grad():
+        safe0 = _safe_first_scaling(alpha0, g0, e0, (ru + max(rz, 0.0)) / 2, eye)
+    if safe0 < alpha0:  # the estimates were wrong: no prediction from them
+        alphas, unmeasured = [], 0
     amax *= scale0
     if tracked:
         x = v / (amax * c)
@@ -225,14 +272,16 @@ def _polar_iterate(v: torch.Tensor, tol: float, max_iters: int, warm, kappa_max:
             with torch.no_grad():
                 alpha, e_mat = alphas[k], g - eye
                 e = float(torch.linalg.matrix_norm(e_mat))
-                if e < 1 and _error_after(alpha, e) > tol:  # the Frobenius bound is loose
+                # The Frobenius bound is loose by up to √d: ‖E²‖_F^½ is tighter, for a product,
+                # unless even ‖E‖_F/√d ≤ ‖E‖₂ could not certify.
+                if e < 1 and _error_after(alpha, e) > tol >= _error_after(alpha, e / math.sqrt(d)):
                     e = min(e, math.sqrt(float(torch.linalg.matrix_norm(e_mat @ e_mat))))
                 certified = alpha * alpha * (1 + e) <= 3 and _error_after(alpha, e) <= tol
         if k > unmeasured or not unmeasured:  # measured: estimates and bound from g
             with torch.no_grad():
                 e_mat = g.detach() - eye
                 if k == 0:
-                    e, t, lo = e0, math.sqrt(ru), math.sqrt(min(max(rz, 0.0), ru))
+                    e, t, lo = e0, t0, lo0
                 else:  # after a step every σ ≤ 1 (in exact arithmetic): the top is at most 1
                     # Rayleigh quotients of the old extreme directions: each is ≥ λ_min(g), so
                     # the scaling below errs on the cautious side. The steps keep the singular
@@ -256,7 +305,7 @@ def _polar_iterate(v: torch.Tensor, tol: float, max_iters: int, warm, kappa_max:
                 # Chen & Chow's scaling: α² (l² + l t + t²) = 3 maps [l, t] onto [f(αl), 1] with
                 # f(αl) = f(αt), the widest interval one step can close. An over-estimated l
                 # only makes the step more cautious.
-                alpha = math.sqrt(3.0 / (lo * lo + lo * t + t * t))
+                alpha = math.sqrt(3.0 / (lo * lo + lo * t + t * t)) if k else safe0
 
                 err = _error_after(alpha, e)  # rigorous: e ≥ ‖g − I‖₂
                 model = 1 - min(_step_map(alpha * lo), _step_map(alpha * t))

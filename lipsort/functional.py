@@ -392,7 +392,8 @@ def polar(
     Scaled order-1 Björck steps :math:`X \leftarrow \alpha X(\tfrac32 I - \tfrac12\alpha^2
     X^\top X)` (Chen & Chow's scaling, from Rayleigh-quotient estimates of the extreme
     singular values, which predict the scalings of every step up to the one expected to
-    certify: those before it run unmeasured) run without gradient from :math:`X_0 = W / c`,
+    certify: those before it run unmeasured; the first scaling is proven safe,
+    :math:`\alpha^2\lambda_{\max} < 3`, by an upper bound) run without gradient from :math:`X_0 = W / c`,
     ``c`` a lower bound of :math:`\|W\|_2`, until a rigorous bound shows that the result has
     every singular value in
     :math:`[1 - \text{tol}, 1]`: with :math:`e \ge \|X^\top X - I\|_2` (a Frobenius norm, or

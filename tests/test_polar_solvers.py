@@ -46,10 +46,11 @@ def test_predicted_steps_run_unmeasured_and_still_certify(shape, low, high):
 def test_a_prediction_that_is_too_short_falls_back_to_measured_steps(monkeypatch):
     # Estimates that miss the bottom of the spectrum predict too few steps: the check at the
     # predicted last step fails, measured steps finish, and the result is certified as ever.
-    w = _spread((40, 32), 0.2, 1.2)
+    w = _spread((40, 32), 0.5, 1.5)
     schedule = F._polar._schedule
     monkeypatch.setattr(F._polar, "_schedule", lambda lo, t, *a: schedule(0.9, t, *a))
     q = F.polar(w, warm=_warmed(w))
+    assert F._polar.last["unmeasured"] >= 1  # predicted, from the wrong estimate
     assert F._polar.last["steps"] > F._polar.last["unmeasured"] + 1
     s = torch.linalg.svdvals(q)
     assert (s - 1).abs().max() <= 1e-12 and s.max() <= 1 + 1e-14
@@ -109,3 +110,25 @@ def test_polar_backward_when_chebyshev_misses_falls_back_to_conjugate_gradients(
     (ref_grad,) = torch.autograd.grad(_svd_polar(w), w, g_out)
     assert F._polar.last["backward"].startswith("Chebyshev (6 products) unconverged, then conjugate")
     assert (grad - ref_grad).norm() <= 1e-9 * ref_grad.norm()
+
+
+def test_a_stale_warm_start_cannot_flip_the_top_singular_direction():
+    # Warm vectors blind to the top direction (σ = 1.8 against 0.8–1.2) estimate σ_max far too
+    # low; a first scaling from them would send ασ_max past √3, where f(ασ) < 0 flips that
+    # direction: still norm 1, no longer the polar factor. The first step proves α²λ_max < 3.
+    sigma = torch.linspace(0.8, 1.2, 32, dtype=DT)
+    sigma[0] = 1.8
+    w = torch.diag(sigma)
+    warm = _random((2, 32), seed=7)
+    warm[:, 0] = 0
+    assert torch.allclose(F.polar(w, warm=warm), _svd_polar(w), atol=1e-11)
+
+
+@pytest.mark.parametrize("top", [2.0, 2.925, 3.4])
+def test_a_lanczos_breakdown_does_not_fake_a_zero_singular_value(top):
+    # diag(top, 1, …, 1): the Krylov space is 2-D, Lanczos breaks down exactly, and its zero
+    # rows must not add a Ritz value 0 (which made α σ_max = √3 and the top direction's sign
+    # a matter of rounding).
+    w = torch.eye(48, dtype=DT)
+    w[0, 0] = top
+    assert torch.allclose(F.polar(w), torch.eye(48, dtype=DT), atol=1e-11)
