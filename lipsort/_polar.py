@@ -105,8 +105,9 @@ def _error_after(alpha: float, e: float) -> float:
 
 # The certifying check bounds ‖g − I‖₂ by a Frobenius norm (or ‖(g − I)²‖_F^½), looser than the
 # spectral e the prediction sees: predicting with 1.5 e made the prediction fall one step short
-# in 9, 14 and 4 of 150 Adam steps at widths 64, 128 and 512 (127, 19, 4 with e itself) at the
-# same total step count as measuring every step (2 e: 3 steps more at width 64).
+# in 11, 14 and 4 of 150 Adam steps at widths 64, 128 and 512 (127, 19, 4 with e itself), with
+# 426, 445 and 448 steps in all against 431, 445 and 448 measuring every step (2 e: 3 steps
+# more at width 64).
 _SCHEDULE_MARGIN = 1.5
 
 
