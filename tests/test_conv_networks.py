@@ -145,3 +145,18 @@ def test_summary_and_guarantee_results_of_table_1_runs():
     assert "mnist.max_lipschitz" not in xo.guarantee_results(runs[2:], "mnist")
     with pytest.raises(ValueError, match="no mnist runs"):
         xo.guarantee_results([], "mnist")
+
+
+def test_curve_results_average_seeds_epoch_by_epoch():
+    from lipsort.experiments import orthogonal_convolutions as xo
+
+    def run(seed, accs, certs):
+        h = {"epoch": list(range(1, len(accs) + 1)), "eval_acc": accs, "certify_eps": [1.58, 0.3],
+             "certified_acc": [[c, 0.9] for c in certs]}
+        return xo.Run("mnist", "large", "bcop", seed, accs[-1], {}, None, 1.0, history=h)
+
+    # seed 1 stopped after one epoch: only epoch 1 has both seeds, so only it is kept
+    c = xo.curve_results([run(0, [0.9, 0.95], [0.4, 0.5]), run(1, [0.8], [0.2])], [1.58, 0.3])
+    assert c == pytest.approx({"mnist.large.bcop.test_acc.e001": 85.0, "mnist.large.bcop.cert158.e001": 30.0,
+                               "mnist.large.bcop.cert030.e001": 90.0})
+    assert xo.curve_results([], [1.58]) == {}

@@ -37,6 +37,7 @@ __all__ = [
     "run_lenet",
     "table",
     "plot_curves",
+    "curve_results",
     "checkpoint_dir",
     "time_epoch",
 ]
@@ -363,6 +364,26 @@ def summarize(runs: list[Run], radii) -> dict:
             out[f"{key}.{m}"] = float(np.mean(v) * scale)
             if len(v) > 1 and m != "lipschitz":
                 out[f"{key}.{m}.std"] = float(np.std(v) * scale)
+    return out
+
+
+def curve_results(runs: list[Run], radii) -> dict:
+    """Test and certified accuracy (%) after every epoch, the mean over the seeds of each
+    ``data.net.conv``: keys ``<data>.<net>.<conv>.test_acc.eNNN`` and ``….<cert key>.eNNN`` (e.g.
+    ``mnist.large.bcop.cert158.e002``), the accuracy-against-epoch curves a results file keeps
+    (checkpoints may not be kept). Epochs that not every seed reached are left out."""
+    groups: dict = {}
+    for r in runs:
+        groups.setdefault(f"{r.data}.{r.net}.{r.conv}", []).append(r.history)
+    out = {}
+    for key, hs in groups.items():
+        n = min(len(h["epoch"]) for h in hs)
+        for j in range(n):
+            e = hs[0]["epoch"][j]
+            out[f"{key}.test_acc.e{e:03d}"] = float(100 * np.mean([h["eval_acc"][j] for h in hs]))
+            for radius in radii:
+                vals = [h["certified_acc"][j][h["certify_eps"].index(radius)] for h in hs]
+                out[f"{key}.{cert_key(radius)}.e{e:03d}"] = float(100 * np.mean(vals))
     return out
 
 
