@@ -157,6 +157,6 @@ def test_curve_results_average_seeds_epoch_by_epoch():
 
     # seed 1 stopped after one epoch: only epoch 1 has both seeds, so only it is kept
     c = xo.curve_results([run(0, [0.9, 0.95], [0.4, 0.5]), run(1, [0.8], [0.2])], [1.58, 0.3])
-    assert c == pytest.approx({"mnist.large.bcop.test_acc.e001": 85.0, "mnist.large.bcop.cert158.e001": 30.0,
-                               "mnist.large.bcop.cert030.e001": 90.0})
+    assert c == pytest.approx({"mnist.large.bcop.test_acc.e001": 0.85, "mnist.large.bcop.cert158.e001": 0.3,
+                               "mnist.large.bcop.cert030.e001": 0.9})
     assert xo.curve_results([], [1.58]) == {}

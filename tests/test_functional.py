@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lipsort import functional as F
+from tests.reference import random_matrix, svd_polar
 
 DT = torch.float64
 
@@ -19,15 +20,10 @@ SORTS = [
 ]
 
 
-def _random(shape, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=torch.float64)
-
-
 @pytest.mark.parametrize("name,op", SORTS)
 @pytest.mark.parametrize("dim", [0, 1, 2, -1])
 def test_sorts_permute_each_group_and_preserve_norms(name, op, dim):
-    x = _random((6, 12, 6), seed=1)
+    x = random_matrix((6, 12, 6), seed=1)
     y = op(x, dim)
     assert y.shape == x.shape
     g = {"group_sort3": 3, "max_min": 2, "group_sort2": 2, "full_sort": x.shape[dim]}[name]
@@ -41,7 +37,7 @@ def test_sorts_permute_each_group_and_preserve_norms(name, op, dim):
 
 @pytest.mark.parametrize("name,op", SORTS)
 def test_sort_jacobian_is_a_permutation(name, op):
-    x = _random((1, 12), seed=2)
+    x = random_matrix((1, 12), seed=2)
     jac = torch.autograd.functional.jacobian(lambda t: op(t, 1), x).reshape(12, 12)
     assert set(jac.unique().tolist()) <= {0.0, 1.0}
     assert torch.equal(jac.sum(0), torch.ones(12, dtype=DT)) and torch.equal(jac.sum(1), torch.ones(12, dtype=DT))
@@ -62,26 +58,26 @@ def test_max_min_jacobian_is_a_permutation_at_ties():
     seed=st.integers(0, 2**16),
 )
 def test_gradient_norm_preserved(groups, group_size, batch, seed):
-    x = _random((batch, groups * group_size), seed).requires_grad_()
-    g = _random((batch, groups * group_size), seed + 1)
+    x = random_matrix((batch, groups * group_size), seed).requires_grad_()
+    g = random_matrix((batch, groups * group_size), seed + 1)
     (F.group_sort(x, group_size) * g).sum().backward()
     assert torch.allclose(x.grad.norm(dim=1), g.norm(dim=1), rtol=1e-14)
 
 
 def test_max_min_equals_group_sort_2_and_full_sort_equals_one_group():
-    x = _random((5, 8))
+    x = random_matrix((5, 8))
     assert torch.equal(F.max_min(x), F.group_sort(x, 2))
     assert torch.equal(F.full_sort(x), F.group_sort(x, 8))
 
 
 def test_gradcheck_functional_ops():
-    x = _random((3, 6), seed=4).requires_grad_()
+    x = random_matrix((3, 6), seed=4).requires_grad_()
     assert torch.autograd.gradcheck(lambda t: F.group_sort(t, 3), (x,))
     assert torch.autograd.gradcheck(F.max_min, (x,))
     assert torch.autograd.gradcheck(F.full_sort, (x,))
-    w = _random((5, 3), seed=5).requires_grad_()
+    w = random_matrix((5, 3), seed=5).requires_grad_()
     assert torch.autograd.gradcheck(lambda t: F.bjorck(t, 8, 2), (w,))
-    v = _random((4, 6), seed=6).requires_grad_()
+    v = random_matrix((4, 6), seed=6).requires_grad_()
     assert torch.autograd.gradcheck(lambda t: F.project_rows_l1(3 * t), (v,))
     # The vector is updated without gradient; at convergence the estimate's gradient is that
     # of σ_max itself (u vᵀ, envelope theorem), which finite differences see.
@@ -92,7 +88,7 @@ def test_gradcheck_functional_ops():
 @pytest.mark.parametrize("scale", [1e-12, 1e-3, 1.0, 1e3, 1e12])
 @pytest.mark.parametrize("order", [1, 2, 3, 4])
 def test_bjorck_converges_for_any_scale(shape, scale, order):
-    w = _random(shape, seed=7) * scale
+    w = random_matrix(shape, seed=7) * scale
     out = F.bjorck(w, n_iters=40, order=order)
     s = torch.linalg.svdvals(out)
     assert torch.isfinite(out).all()
@@ -102,7 +98,7 @@ def test_bjorck_converges_for_any_scale(shape, scale, order):
 @pytest.mark.parametrize("order", [1, 2, 3, 4])
 def test_bjorck_singular_values_increase_monotonically_to_one(order):
     # Pre-scaled iterates never overshoot: ‖W‖₂ ≤ 1 at every iteration, σ_min never decreases.
-    w = _random((24, 24), seed=8) @ torch.diag(torch.logspace(-3, 3, 24, dtype=DT))
+    w = random_matrix((24, 24), seed=8) @ torch.diag(torch.logspace(-3, 3, 24, dtype=DT))
     prev = torch.linalg.svdvals(F.bjorck_prescale(w))
     for n in range(1, 30):
         s = torch.linalg.svdvals(F.bjorck(w, n, order))
@@ -112,7 +108,7 @@ def test_bjorck_singular_values_increase_monotonically_to_one(order):
 
 
 def test_bjorck_is_the_polar_factor_and_fixes_orthonormal_matrices():
-    w = _random((20, 12), seed=9)
+    w = random_matrix((20, 12), seed=9)
     u, _, vh = torch.linalg.svd(w, full_matrices=False)
     assert torch.allclose(F.bjorck(w, 60), u @ vh, atol=1e-10)
     q = u @ vh
@@ -125,8 +121,8 @@ def test_bjorck_adjoint_is_autograd_through_the_plain_steps(shape, order):
     # The hand-written backward against autograd through every operation of the same steps.
     from lipsort import _bjorck
 
-    w = _random(shape, seed=11).requires_grad_()
-    cot = _random(shape, seed=12)
+    w = random_matrix(shape, seed=11).requires_grad_()
+    cot = random_matrix(shape, seed=12)
     out = F.bjorck(w, 6, order)
     batch = F.bjorck_prescale(w).reshape(-1, *shape[-2:])  # plain takes 2-D or 3-D
     ref = _bjorck.plain(batch if len(shape) > 2 else batch[0], 6, F._BJORCK_COEFFS[: order + 1])
@@ -138,8 +134,8 @@ def test_bjorck_adjoint_is_autograd_through_the_plain_steps(shape, order):
 
 
 def _near_orthonormal(shape, seed, dtype=torch.float64):
-    u, _, vh = torch.linalg.svd(_random(shape, seed=seed), full_matrices=False)
-    return (u @ vh + 0.05 * _random(shape, seed=seed + 1)).to(dtype)
+    u, _, vh = torch.linalg.svd(random_matrix(shape, seed=seed), full_matrices=False)
+    return (u @ vh + 0.05 * random_matrix(shape, seed=seed + 1)).to(dtype)
 
 
 @pytest.mark.parametrize("shape", [(16, 8), (8, 16), (12, 12), (4, 16, 8)])
@@ -150,7 +146,7 @@ def test_bjorck_adjoint_collapses_the_converged_tail_exactly(shape, order):
     from lipsort import _bjorck
 
     w = _near_orthonormal(shape, 21).requires_grad_()
-    cot = _random(shape, seed=23)
+    cot = random_matrix(shape, seed=23)
     coeffs = F._BJORCK_COEFFS[: order + 1]
     with torch.no_grad():
         x = F.bjorck_prescale(w).reshape(-1, *shape[-2:])
@@ -178,11 +174,11 @@ def test_bjorck_backward_skips_the_converged_tail(monkeypatch):
     w = _near_orthonormal((12, 12), 21).requires_grad_()
     applied = []
     monkeypatch.setattr(_bjorck, "plus_transpose", lambda m, sign: applied.append(1) or m + sign * m.mT)
-    torch.autograd.grad(F.bjorck(w, 20), w, _random((12, 12), seed=23))
+    torch.autograd.grad(F.bjorck(w, 20), w, random_matrix((12, 12), seed=23))
     skipping = len(applied)
     applied.clear()
     monkeypatch.setattr(_bjorck, "_converged_from", lambda grams, eye: len(grams))
-    torch.autograd.grad(F.bjorck(w, 20), w, _random((12, 12), seed=23))
+    torch.autograd.grad(F.bjorck(w, 20), w, random_matrix((12, 12), seed=23))
     assert len(applied) == 20 and 3 <= skipping <= 12
 
 
@@ -194,7 +190,7 @@ def test_bjorck_converged_tail_float32_gradient_is_as_accurate(shape):
     from lipsort import _bjorck
 
     w64 = _near_orthonormal(shape, 31)
-    cot64 = _random(shape, seed=33)
+    cot64 = random_matrix(shape, seed=33)
     w32, cot32 = w64.float().requires_grad_(), cot64.float()
     w64 = w32.detach().double().requires_grad_()
     # the reference: autograd through every float64 step (no collapsed tail)
@@ -264,7 +260,7 @@ def test_bjorck_converged_from_bisects_a_decreasing_error():
 
 @pytest.mark.parametrize("order", [1, 3])
 def test_bjorck_second_derivatives_and_transforms(order):
-    w = _random((7, 4), seed=13).requires_grad_()
+    w = random_matrix((7, 4), seed=13).requires_grad_()
     assert torch.autograd.gradcheck(lambda v: F.bjorck(v, 3, order), (w,))
     # Double backward re-runs the steps differentiably: gradient penalties see Björck layers.
     assert torch.autograd.gradgradcheck(lambda v: F.bjorck(v, 3, order), (w,))
@@ -277,14 +273,14 @@ def test_bjorck_second_derivatives_and_transforms(order):
 
 def test_bjorck_prescale_is_a_rigorous_bound():
     for seed in range(20):
-        w = _random((10 + seed, 30), seed) * 10 ** (seed - 10)
+        w = random_matrix((10 + seed, 30), seed) * 10 ** (seed - 10)
         assert torch.linalg.matrix_norm(F.bjorck_prescale(w), 2) <= 1 + 1e-12
 
 
 def test_power_iteration_underestimates_and_converges():
-    w = _random((30, 20), seed=10)
+    w = random_matrix((30, 20), seed=10)
     exact = torch.linalg.matrix_norm(w, 2)
-    u = _random((20,), seed=11)
+    u = random_matrix((20,), seed=11)
     for n in (1, 2, 5):
         sigma, _ = F.power_iteration(w, u, n)
         assert sigma <= exact + 1e-12
@@ -296,7 +292,7 @@ def test_power_iteration_underestimates_and_converges():
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2**16), scale=st.floats(1e-3, 1e3), radius=st.floats(0.1, 10), n=st.integers(1, 40))
 def test_project_rows_l1_is_the_exact_projection(seed, scale, radius, n):
-    w = _random((8, n), seed) * scale
+    w = random_matrix((8, n), seed) * scale
     p = F.project_rows_l1(w, radius)
     row = p.abs().sum(-1)
     inside = w.abs().sum(-1) <= radius
@@ -316,7 +312,7 @@ def test_project_rows_l1_is_the_exact_projection(seed, scale, radius, n):
 
 def test_project_rows_l1_matches_a_brute_force_solver():
     # Bisection on the threshold θ of the soft-thresholding solution, to 1e-13.
-    w = _random((6, 9), seed=12) * 3
+    w = random_matrix((6, 9), seed=12) * 3
     p = F.project_rows_l1(w, 1.0)
     for i in range(6):
         a = w[i].abs()
@@ -386,7 +382,7 @@ def test_project_rows_l1_gradient_is_the_identity_on_rows_inside_the_ball():
 
 
 def test_operator_norms_are_exact():
-    w = _random((7, 5), seed=13)
+    w = random_matrix((7, 5), seed=13)
     assert torch.allclose(F.operator_norm(w, 2), torch.linalg.svdvals(w)[0])
     assert torch.allclose(F.operator_norm(w, "inf"), w.abs().sum(1).max())
     assert torch.allclose(F.operator_norm(w, math.inf), F.operator_norm(w, "inf"))
@@ -417,7 +413,7 @@ def test_bad_inputs_raise_clear_errors(call, match):
 
 @pytest.mark.parametrize("scale", [1e-30, 1e30])
 def test_bjorck_float32_extreme_scales_stay_finite(scale):
-    w = _random((40, 24), seed=14).float() * scale
+    w = random_matrix((40, 24), seed=14).float() * scale
     s = torch.linalg.svdvals(F.bjorck(w, n_iters=40))
     assert torch.isfinite(s).all() and (s - 1).abs().max() < 1e-4
 
@@ -425,31 +421,26 @@ def test_bjorck_float32_extreme_scales_stay_finite(scale):
 # --------------------------------------------------------------------------- fast paths
 
 
-def _svd_polar(w):
-    u, _, vh = torch.linalg.svd(w, full_matrices=False)
-    return u @ vh
-
-
 @pytest.mark.parametrize("shape", [(12, 12), (20, 8), (8, 20), (48, 48)])
 @pytest.mark.parametrize("kind", ["gauss", "near"])
 def test_polar_is_the_polar_factor_with_its_exact_gradient(shape, kind):
-    w = _random(shape, seed=20)
+    w = random_matrix(shape, seed=20)
     if kind == "near":  # the training regime: a perturbed orthonormal matrix (implicit backward)
-        w = _svd_polar(w) + 1e-2 * _random(shape, seed=21)
+        w = svd_polar(w) + 1e-2 * random_matrix(shape, seed=21)
     w.requires_grad_()
-    g_out = _random(shape, seed=22)
+    g_out = random_matrix(shape, seed=22)
     q = F.polar(w)
     (grad,) = torch.autograd.grad(q, w, g_out)
-    (ref_grad,) = torch.autograd.grad(_svd_polar(w), w, g_out)
-    assert torch.allclose(q, _svd_polar(w.detach()), atol=1e-11)
+    (ref_grad,) = torch.autograd.grad(svd_polar(w), w, g_out)
+    assert torch.allclose(q, svd_polar(w.detach()), atol=1e-11)
     assert torch.linalg.matrix_norm(q.detach(), 2) <= 1 + 1e-12
     assert (grad - ref_grad).norm() <= 1e-8 * ref_grad.norm()
 
 
 def test_polar_gradcheck_both_backward_paths():
-    near = (_svd_polar(_random((6, 4), seed=23)) + 1e-3 * _random((6, 4), seed=24)).requires_grad_()
+    near = (svd_polar(random_matrix((6, 4), seed=23)) + 1e-3 * random_matrix((6, 4), seed=24)).requires_grad_()
     assert torch.autograd.gradcheck(F.polar, (near,))  # implicit (Lyapunov) backward
-    far = (_random((4, 6), seed=25) @ torch.diag(torch.logspace(-2, 0, 6, dtype=DT))).requires_grad_()
+    far = (random_matrix((4, 6), seed=25) @ torch.diag(torch.logspace(-2, 0, 6, dtype=DT))).requires_grad_()
     assert torch.autograd.gradcheck(F.polar, (far,))  # ill-conditioned: through the steps
 
 
@@ -458,17 +449,17 @@ def test_polar_gradcheck_both_backward_paths():
 def test_polar_backward_solvers_give_the_exact_gradient(shape, eigh, monkeypatch):
     # Singular values over [0.5, 1.5]: the forward is not tracked, the backward solves the
     # Lyapunov equation; by eigendecomposition or conjugate gradients, the same gradient.
-    u = _svd_polar(_random((shape[0], shape[1]), seed=36))
-    v = _svd_polar(_random((shape[1], shape[1]), seed=37))
+    u = svd_polar(random_matrix((shape[0], shape[1]), seed=36))
+    v = svd_polar(random_matrix((shape[1], shape[1]), seed=37))
     w = ((u * torch.linspace(0.5, 1.5, shape[1], dtype=DT)) @ v.T).requires_grad_()
     calls = []
     solver = F._polar._lyapunov_skew_eigh if eigh else F._polar._lyapunov_skew
     monkeypatch.setattr(F._polar, "use_eigh", lambda *a: eigh)
     monkeypatch.setattr(F._polar, "_chebyshev_plan", lambda *a: None)  # its own test
     monkeypatch.setattr(F._polar, solver.__name__, lambda *a: calls.append(1) or solver(*a))
-    g_out = _random(shape, seed=38)
+    g_out = random_matrix(shape, seed=38)
     (grad,) = torch.autograd.grad(F.polar(w), w, g_out)
-    (ref_grad,) = torch.autograd.grad(_svd_polar(w), w, g_out)
+    (ref_grad,) = torch.autograd.grad(svd_polar(w), w, g_out)
     assert calls == [1]
     assert (grad - ref_grad).norm() <= 1e-8 * ref_grad.norm()
 
@@ -477,17 +468,17 @@ def test_polar_backward_solvers_give_the_exact_gradient(shape, eigh, monkeypatch
 def test_polar_backward_near_the_manifold_is_a_neumann_series(shape):
     # As in training: a perturbed orthonormal weight. ‖H − I‖₂ ≤ 1 − √(1 − e0) makes the
     # series contract fast enough to beat conjugate gradients' bound, without inner products.
-    w = (_svd_polar(_random(shape, seed=40)) + 0.001 * _random(shape, seed=41)).requires_grad_()
-    g_out = _random(shape, seed=42)
+    w = (svd_polar(random_matrix(shape, seed=40)) + 0.001 * random_matrix(shape, seed=41)).requires_grad_()
+    g_out = random_matrix(shape, seed=42)
     (grad,) = torch.autograd.grad(F.polar(w), w, g_out)
-    (ref_grad,) = torch.autograd.grad(_svd_polar(w), w, g_out)
+    (ref_grad,) = torch.autograd.grad(svd_polar(w), w, g_out)
     assert F._polar.last["backward"].startswith("Neumann series")
     assert (grad - ref_grad).norm() <= 1e-9 * ref_grad.norm()
 
 
 def test_neumann_series_reaches_its_tolerance():
     h = torch.eye(20, dtype=DT) + 0.1 * torch.diag(torch.linspace(-1, 1, 20, dtype=DT))
-    c = _random((20, 20), seed=43)
+    c = random_matrix((20, 20), seed=43)
     c = c - c.T
     e0 = float(torch.linalg.matrix_norm(h @ h - torch.eye(20, dtype=DT), 2))  # g0 = H²
     for rtol in (1e-4, 1e-8, 1e-12):
@@ -522,9 +513,9 @@ def test_polar_backward_on_a_raw_weight_ends_in_the_eigendecomposition(predicted
     monkeypatch.setattr(F._polar, "_lyapunov_skew_eigh", lambda *a: calls.update(eigh=calls["eigh"] + 1) or eigh(*a))
     monkeypatch.setattr(F._polar, "_lyapunov_skew", lambda *a: calls.update(cg=calls["cg"] + 1) or cg(*a))
     monkeypatch.setattr(F._polar, "use_eigh", lambda *a: predicted)
-    g_out = _random((256, 256), seed=39)
+    g_out = random_matrix((256, 256), seed=39)
     (grad,) = torch.autograd.grad(F.polar(w), w, g_out.float())
-    (ref_grad,) = torch.autograd.grad(_svd_polar(w.double()), w, g_out)
+    (ref_grad,) = torch.autograd.grad(svd_polar(w.double()), w, g_out)
     assert calls == {"eigh": 1, "cg": 0 if predicted else 1}
     assert "eigendecomposition" in F._polar.last["backward"]
     assert (grad.double() - ref_grad).norm() <= 1e-5 * ref_grad.norm()  # CG alone: 5e-5
@@ -532,8 +523,8 @@ def test_polar_backward_on_a_raw_weight_ends_in_the_eigendecomposition(predicted
 
 def test_polar_certifies_its_tolerance_in_float32():
     # Singular values spread over [0.6, 1.5], as after training steps.
-    u = _svd_polar(_random((96, 64), seed=26))
-    v = _svd_polar(_random((64, 64), seed=27))
+    u = svd_polar(random_matrix((96, 64), seed=26))
+    v = svd_polar(random_matrix((64, 64), seed=27))
     w = ((u * torch.linspace(0.6, 1.5, 64, dtype=DT)) @ v.T).float()
     s = torch.linalg.svdvals(F.polar(w, tol=1e-6).double())
     assert (s - 1).abs().max() <= 1e-6 + 1e-6  # the tolerance, plus float32 rounding
@@ -542,7 +533,7 @@ def test_polar_certifies_its_tolerance_in_float32():
 
 
 def test_polar_warm_start_refines_in_place_without_changing_the_result():
-    w = _svd_polar(_random((30, 20), seed=28)) + 0.05 * _random((30, 20), seed=29)
+    w = svd_polar(random_matrix((30, 20), seed=28)) + 0.05 * random_matrix((30, 20), seed=29)
     warm = torch.zeros(2, 20, dtype=DT)
     cold = F.polar(w)
     warmed = F.polar(w, warm=warm)
@@ -556,22 +547,22 @@ def test_polar_warm_estimates_replace_lanczos_only_for_a_moderate_spread(low, la
                                                                          monkeypatch):
     # Singular values over [low, 1.5]: the warm vectors of a nearby weight give the estimates
     # when they say the Gram matrix's condition number is at most 10, a Lanczos run otherwise.
-    u = _svd_polar(_random((40, 32), seed=32))
-    v = _svd_polar(_random((32, 32), seed=33))
+    u = svd_polar(random_matrix((40, 32), seed=32))
+    v = svd_polar(random_matrix((32, 32), seed=33))
     w = (u * torch.linspace(low, 1.5, 32, dtype=DT)) @ v.T
     warm = torch.zeros(2, 32, dtype=DT)
-    F.polar(w + 1e-3 * _random((40, 32), seed=34), warm=warm)  # the previous training step
+    F.polar(w + 1e-3 * random_matrix((40, 32), seed=34), warm=warm)  # the previous training step
     calls = []
     lanczos = F._polar._lanczos_extremes
     spy = lambda *a, **k: calls.append(1) or lanczos(*a, **k)  # noqa: E731
     monkeypatch.setattr(F._polar, "_lanczos_extremes", spy)
     w.requires_grad_()
-    g_out = _random((40, 32), seed=35)
+    g_out = random_matrix((40, 32), seed=35)
     q = F.polar(w, warm=warm)
     (grad,) = torch.autograd.grad(q, w, g_out)
-    (ref_grad,) = torch.autograd.grad(_svd_polar(w), w, g_out)
+    (ref_grad,) = torch.autograd.grad(svd_polar(w), w, g_out)
     assert len(calls) == lanczos_calls
-    assert torch.allclose(q, _svd_polar(w.detach()), atol=1e-11)
+    assert torch.allclose(q, svd_polar(w.detach()), atol=1e-11)
     assert (grad - ref_grad).norm() <= 1e-8 * ref_grad.norm()
 
 
@@ -580,9 +571,9 @@ def test_polar_extreme_and_degenerate_inputs_stay_contractive(scale):
     # A rank-3 matrix cannot be certified (zero singular values stay zero): the fallback is
     # bjorck(), still ‖W‖₂ ≤ 1.
     if scale is None:
-        w = _random((16, 3), seed=30) @ _random((3, 10), seed=31)
+        w = random_matrix((16, 3), seed=30) @ random_matrix((3, 10), seed=31)
     else:
-        w = _random((16, 10), seed=30) * scale
+        w = random_matrix((16, 10), seed=30) * scale
     w = w.float().requires_grad_()
     q = F.polar(w)
     q.sum().backward()
@@ -596,7 +587,7 @@ def test_group_sort_4_jacobian_is_a_permutation_even_at_ties():
         jac = torch.autograd.functional.jacobian(lambda t: F.group_sort(t, 4), x).reshape(8, 8)
         assert set(jac.unique().tolist()) == {0.0, 1.0}
         assert torch.equal(jac.sum(0), torch.ones(8, dtype=DT)) and torch.equal(jac.sum(1), torch.ones(8, dtype=DT))
-    y = _random((3, 8, 5), seed=31).requires_grad_()
+    y = random_matrix((3, 8, 5), seed=31).requires_grad_()
     assert torch.autograd.gradcheck(lambda t: F.group_sort(t, 4, dim=1), (y,))
     # The 4-input sorting network (kept for other builds) sorts exactly, tie-safe too.
     x = torch.tensor([[1.0, 1.0, 0.0, 1.0, 2.0, 2.0, 2.0, -1.0]], dtype=DT, requires_grad=True)
@@ -642,7 +633,7 @@ def compare_exchange_calls(monkeypatch):
 
 @pytest.mark.parametrize("in_dim", [0, 2])
 def test_max_min_under_vmap_is_the_compare_exchange_on_the_whole_batch(compare_exchange_calls, in_dim):
-    x = _random((6, 4, 3), seed=40)
+    x = random_matrix((6, 4, 3), seed=40)
     x[1] = 0.0  # exact ties
     out = torch.func.vmap(lambda v: F.max_min(v, 0), in_dims=in_dim, out_dims=in_dim)(x)
     loop = torch.stack([F.max_min(v.contiguous(), 0) for v in x.unbind(in_dim)], in_dim)
@@ -674,7 +665,7 @@ def test_max_min_jacobians_under_transforms_are_the_tie_safe_permutation(compare
         assert torch.equal(jac @ v, f(v))
     # At a tie the routing keeps each unit in place; torch.maximum would give halves.
     assert torch.equal(jac_rev[2], torch.eye(6, dtype=DT))
-    cot = _random((3, 6), seed=41)
+    cot = random_matrix((3, 6), seed=41)
     grads = torch.func.vmap(torch.func.grad(lambda v, c: (f(v) * c).sum()))(x, cot)
     assert torch.equal(grads, torch.einsum("bi,bij->bj", cot, jac_auto))
     # Piecewise linear: every second derivative vanishes, in both modes.
@@ -691,7 +682,7 @@ def test_compare_exchange_gradcheck_forward_mode_batched_and_double_backward(net
         def op(t):
             return F._CompareExchange.apply(t.reshape(3, 2, 4, 5), 2, F.NETWORK_4)[0].reshape(t.shape)
 
-    x = _random((3, 8, 5), seed=42).requires_grad_()
+    x = random_matrix((3, 8, 5), seed=42).requires_grad_()
     assert torch.autograd.gradcheck(
         op, (x,), check_forward_ad=True, check_batched_grad=True, check_batched_forward_grad=True
     )
@@ -699,7 +690,7 @@ def test_compare_exchange_gradcheck_forward_mode_batched_and_double_backward(net
 
 
 def test_group_sort_4_under_vmap_matches_the_loop():
-    x = _random((4, 8), seed=43)
+    x = random_matrix((4, 8), seed=43)
     x[0, :4] = 1.0
     assert torch.equal(torch.func.vmap(lambda v: F.group_sort(v, 4, 0))(x), F.group_sort(x, 4))
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 import lipsort
-from lipsort.book import ledger, pages
+from lipsort.book import curves, ledger, pages
 from lipsort.book.ledger import Claim, ClaimsError, load_claims
 from lipsort.book.record import finish
 
@@ -238,7 +238,11 @@ def test_committed_reproduction_page_is_up_to_date():
     import yaml
 
     estimates = yaml.safe_load((BOOK / "estimates.yml").read_text()) if (BOOK / "estimates.yml").is_file() else {}
-    assert (BOOK / "status.md").read_text() == pages.render_status(results, estimates)
+    full_runs = {**results["full"], **results["full" + ledger.PARTIAL_SUFFIX]}
+    figures = {"full": curves.figure_files(full_runs, "full")}
+    assert (BOOK / "status.md").read_text() == pages.render_status(results, estimates, figures)
+    drawn = {f"results/curves/{p.name}" for p in (BOOK / "results" / "curves").glob("*.png")}
+    assert drawn == set(figures["full"].values()), "stale curve figures: run python -m lipsort.reproduce --render-only"
 
 
 def test_every_committed_claim_says_where_its_tolerance_comes_from():

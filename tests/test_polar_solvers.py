@@ -5,30 +5,22 @@ import pytest
 import torch
 
 from lipsort import functional as F
+from tests.reference import random_matrix, svd_polar
 
 DT = torch.float64
 
 
-def _random(shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=DT)
-
-
-def _svd_polar(w):
-    u, _, vh = torch.linalg.svd(w, full_matrices=False)
-    return u @ vh
-
-
 def _spread(shape, low, high, seed=0):
     """A matrix with singular values evenly spread over [low, high]."""
-    u = _svd_polar(_random(shape, seed=seed))
-    v = _svd_polar(_random((shape[1], shape[1]), seed=seed + 1))
+    u = svd_polar(random_matrix(shape, seed=seed))
+    v = svd_polar(random_matrix((shape[1], shape[1]), seed=seed + 1))
     return (u * torch.linspace(low, high, shape[1], dtype=DT)) @ v.T
 
 
 def _warmed(w):
     """A warm buffer as training leaves it: estimates from the previous, nearby weight."""
     warm = torch.zeros(2, min(w.shape), dtype=w.dtype)
-    F.polar(w + 1e-3 * _random(w.shape, seed=99).to(w.dtype), warm=warm)
+    F.polar(w + 1e-3 * random_matrix(w.shape, seed=99).to(w.dtype), warm=warm)
     return warm
 
 
@@ -40,7 +32,7 @@ def test_predicted_steps_run_unmeasured_and_still_certify(shape, low, high):
     assert F._polar.last["steps"] == F._polar.last["unmeasured"] + 1  # the prediction held
     s = torch.linalg.svdvals(q)
     assert (s - 1).abs().max() <= 1e-12 and s.max() <= 1 + 1e-14
-    assert torch.allclose(q, _svd_polar(w), atol=1e-11)
+    assert torch.allclose(q, svd_polar(w), atol=1e-11)
 
 
 def test_a_prediction_that_is_too_short_falls_back_to_measured_steps(monkeypatch):
@@ -56,28 +48,32 @@ def test_a_prediction_that_is_too_short_falls_back_to_measured_steps(monkeypatch
     assert (s - 1).abs().max() <= 1e-12 and s.max() <= 1 + 1e-14
 
 
-def test_schedule_predicts_the_steps_of_an_exactly_known_spectrum():
-    # With the true extremes, the predicted scalings are the ones exact arithmetic takes: the
-    # matrix diag(σ) after them is within the tolerance, and one step fewer is not.
-    sigma = torch.linspace(0.25, 1.0, 50, dtype=DT)
-    alphas = F._polar._schedule(0.25, 1.0, 1e-12, 50)
+@pytest.mark.parametrize("lo", [0.05, 0.25, 0.6, 0.9])
+@pytest.mark.parametrize("tol", [1e-6, 1e-12])
+def test_schedule_is_sufficient_and_at_most_one_step_long(lo, tol):
+    # With the true extremes, the predicted scalings take diag(σ) within the tolerance, and
+    # the margin on the predicted error costs at most one step over what exact arithmetic needs.
+    sigma = torch.linspace(lo, 1.0, 50, dtype=DT)
+    alphas = F._polar._schedule(lo, 1.0, tol, 50)
 
-    def run(steps):
+    def error(steps):
         s = sigma.clone()
         for a in steps:
             s = 1.5 * a * s - 0.5 * (a * s) ** 3
         return (s - 1).abs().max()
 
-    assert run(alphas) <= 1e-12 < run(alphas[:-1])
+    assert error(alphas) <= tol
+    needed = next(k for k in range(len(alphas) + 1) if error(alphas[:k]) <= tol)
+    assert len(alphas) <= needed + 1
 
 
 @pytest.mark.parametrize("kappa", [1.2, 2.0, 3.5])
 def test_chebyshev_iteration_reaches_its_tolerance(kappa):
     d = 24
-    b = _svd_polar(_random((d, d), seed=3))
+    b = svd_polar(random_matrix((d, d), seed=3))
     lam = torch.linspace(1.0, kappa, d, dtype=DT)
     h = (b * lam) @ b.T
-    c = _random((d, d), seed=4)
+    c = random_matrix((d, d), seed=4)
     c = c - c.T
     ref = F._polar._lyapunov_skew_eigh(lam, b, c)
     for rtol in (1e-5, 1e-10):
@@ -95,9 +91,9 @@ def test_chebyshev_iteration_reaches_its_tolerance(kappa):
 def test_polar_backward_by_chebyshev_is_the_exact_gradient(shape):
     w = _spread(shape if shape[0] >= shape[1] else shape[::-1], 0.8, 1.25)
     w = (w if shape[0] >= shape[1] else w.T).requires_grad_()
-    g_out = _random(shape, seed=5)
+    g_out = random_matrix(shape, seed=5)
     (grad,) = torch.autograd.grad(F.polar(w, warm=_warmed(w.detach())), w, g_out)
-    (ref_grad,) = torch.autograd.grad(_svd_polar(w), w, g_out)
+    (ref_grad,) = torch.autograd.grad(svd_polar(w), w, g_out)
     assert F._polar.last["backward"].startswith("Chebyshev iteration")
     assert (grad - ref_grad).norm() <= 1e-9 * ref_grad.norm()
 
@@ -105,9 +101,9 @@ def test_polar_backward_by_chebyshev_is_the_exact_gradient(shape):
 def test_polar_backward_when_chebyshev_misses_falls_back_to_conjugate_gradients(monkeypatch):
     w = _spread((40, 32), 0.8, 1.25).requires_grad_()
     monkeypatch.setattr(F._polar, "_chebyshev_plan", lambda *a: (0.2, 0.4, 6))  # a wrong interval
-    g_out = _random((40, 32), seed=6)
+    g_out = random_matrix((40, 32), seed=6)
     (grad,) = torch.autograd.grad(F.polar(w, warm=_warmed(w.detach())), w, g_out)
-    (ref_grad,) = torch.autograd.grad(_svd_polar(w), w, g_out)
+    (ref_grad,) = torch.autograd.grad(svd_polar(w), w, g_out)
     assert F._polar.last["backward"].startswith("Chebyshev (6 products) unconverged, then conjugate")
     assert (grad - ref_grad).norm() <= 1e-9 * ref_grad.norm()
 
@@ -119,9 +115,9 @@ def test_a_stale_warm_start_cannot_flip_the_top_singular_direction():
     sigma = torch.linspace(0.8, 1.2, 32, dtype=DT)
     sigma[0] = 1.8
     w = torch.diag(sigma)
-    warm = _random((2, 32), seed=7)
+    warm = random_matrix((2, 32), seed=7)
     warm[:, 0] = 0
-    assert torch.allclose(F.polar(w, warm=warm), _svd_polar(w), atol=1e-11)
+    assert torch.allclose(F.polar(w, warm=warm), svd_polar(w), atol=1e-11)
 
 
 @pytest.mark.parametrize("top", [2.0, 2.925, 3.4])

@@ -2,7 +2,8 @@
 
 All three are pure functions of files in the repository (``book/claims.yml``,
 ``book/results/<profile>/*.json``, ``notebooks/``), so a test can re-render them and compare
-with the committed pages.
+with the committed pages. The status page's accuracy-against-epoch figures are drawn from the
+same result files (:mod:`.curves`, ``book/results/curves/``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import re
 from pathlib import Path
 
+from .curves import write_figures
 from .ledger import PAPERS, PARTIAL_SUFFIX, PROFILES, Claim, format_value, load_claims, must_hold
 from .notebooks import discover
 
@@ -305,13 +307,32 @@ def _partial_runs(records: dict[str, dict], profile: str) -> list[str]:
     return lines + [""]
 
 
-def render_status(results: dict[str, dict[str, dict]], estimates: dict | None = None) -> str:
+def _curve_figures(figures: dict[str, str], profile: str) -> list[str]:
+    """The accuracy-against-epoch figures (:mod:`.curves`) of ``profile``'s runs."""
+    if not figures:
+        return []
+    lines = [
+        f"Accuracy against epoch of the {profile}-profile runs, drawn from the curves their result "
+        "files keep (keys `<run>.<metric>.eNNN`; where two runs hold the same curve, the later one's). "
+        "A curve shorter than the profile's epochs comes from a partial run.",
+        "",
+    ]
+    for slug, rel in figures.items():
+        lines += [f"```{{figure}} {rel}", f":name: fig-curves-{profile}-{slug}", ":width: 100%", "",
+                  f"{slug}: accuracy on the test set after every epoch.", "```", ""]  # fmt: skip
+    return lines
+
+
+def render_status(results: dict[str, dict[str, dict]], estimates: dict | None = None,
+                  figures: dict[str, dict[str, str]] | None = None) -> str:
     """The MyST page ``book/status.md``: what ran at each profile, where, with what, how long.
 
     ``estimates`` (``book/estimates.yml``: ``{profile: {slug: {minutes: m, basis: text}}}``)
-    gives the estimated wall time of the chapters not yet run at a profile.
+    gives the estimated wall time of the chapters not yet run at a profile; ``figures``
+    (``{profile: {slug: path relative to book/}}``, :func:`.curves.write_figures`) the
+    accuracy-against-epoch figures shown under a profile.
     """
-    estimates = estimates or {}
+    estimates, figures = estimates or {}, figures or {}
     lines = [
         "---",
         "html_theme.sidebar_secondary.remove: true",
@@ -328,6 +349,7 @@ def render_status(results: dict[str, dict[str, dict]], estimates: dict | None = 
         records = results.get(profile, {})
         lines += [f"## {profile.capitalize()} profile", ""]
         lines += _partial_runs(results.get(profile + PARTIAL_SUFFIX, {}), profile)
+        lines += _curve_figures(figures.get(profile, {}), profile)
         pending = {k: v for k, v in (estimates.get(profile) or {}).items() if k not in records}
         if pending:
             lines += [
@@ -416,7 +438,8 @@ def extra_pages(root: str | Path) -> list[str]:
 
 def write_pages(root: str | Path) -> list[Path]:
     """Regenerate ``book/reproduction.md``, ``book/status.md`` and ``book/_toc.yml`` under ``root``,
-    and the tables of ``book/performance.md`` from ``book/results/bench`` (:func:`lipsort.bench.report.fill_page`)."""
+    the tables of ``book/performance.md`` from ``book/results/bench`` (:func:`lipsort.bench.report.fill_page`)
+    and the full profile's accuracy-against-epoch figures (:func:`.curves.write_figures`)."""
     root = Path(root)
     book = root / "book"
     claims = load_claims(book / "claims.yml", root / "notebooks")
@@ -428,9 +451,11 @@ def write_pages(root: str | Path) -> list[Path]:
         import yaml
 
         estimates = yaml.safe_load(est_path.read_text(encoding="utf-8")) or {}
+    full_runs = {**results.get("full", {}), **results.get("full" + PARTIAL_SUFFIX, {})}
+    figures = {"full": write_figures(full_runs, book, "full")}
     pages = {
         book / "reproduction.md": render_reproduction(claims, results),
-        book / "status.md": render_status(results, estimates),
+        book / "status.md": render_status(results, estimates, figures),
         book / "_toc.yml": render_toc(discover(root / "notebooks"), extra),
     }
     performance = book / "performance.md"
@@ -440,4 +465,4 @@ def write_pages(root: str | Path) -> list[Path]:
         pages[performance] = fill_page(performance.read_text(encoding="utf-8"), book / "results" / "bench")
     for path, text in pages.items():
         path.write_text(text, encoding="utf-8")
-    return list(pages)
+    return [*pages, *(book / rel for rel in figures["full"].values())]

@@ -368,8 +368,9 @@ def summarize(runs: list[Run], radii) -> dict:
 
 
 def curve_results(runs: list[Run], radii) -> dict:
-    """Test and certified accuracy (%) after every epoch, the mean over the seeds of each
-    ``data.net.conv``: keys ``<data>.<net>.<conv>.test_acc.eNNN`` and ``….<cert key>.eNNN`` (e.g.
+    """Test and certified accuracy (fractions, as :mod:`lipsort.book.curves` reads them) after
+    every epoch, the mean over the seeds of each ``data.net.conv``: keys
+    ``<data>.<net>.<conv>.test_acc.eNNN`` and ``….<cert key>.eNNN`` (e.g.
     ``mnist.large.bcop.cert158.e002``), the accuracy-against-epoch curves a results file keeps
     (checkpoints may not be kept). Epochs that not every seed reached are left out."""
     groups: dict = {}
@@ -380,10 +381,10 @@ def curve_results(runs: list[Run], radii) -> dict:
         n = min(len(h["epoch"]) for h in hs)
         for j in range(n):
             e = hs[0]["epoch"][j]
-            out[f"{key}.test_acc.e{e:03d}"] = float(100 * np.mean([h["eval_acc"][j] for h in hs]))
+            out[f"{key}.test_acc.e{e:03d}"] = float(np.mean([h["eval_acc"][j] for h in hs]))
             for radius in radii:
                 vals = [h["certified_acc"][j][h["certify_eps"].index(radius)] for h in hs]
-                out[f"{key}.{cert_key(radius)}.e{e:03d}"] = float(100 * np.mean(vals))
+                out[f"{key}.{cert_key(radius)}.e{e:03d}"] = float(np.mean(vals))
     return out
 
 
