@@ -57,7 +57,7 @@ def draw(curves: dict[tuple[str, str], list[tuple[int, float]]], title: str):
 
     metrics = sorted({m for _, m in curves}, key=lambda m: (m != "test_acc", m))
     runs = sorted({r for r, _ in curves})
-    fig = Figure(figsize=(4.6 * len(metrics), 3.6), layout="constrained")
+    fig = Figure(figsize=(4.6 * len(metrics), 3.4 + 0.2 * ((len(runs) + 3) // 4)), layout="constrained")
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
     for ax, metric in zip(axes, metrics):
         for i, run in enumerate(runs):
@@ -70,7 +70,8 @@ def draw(curves: dict[tuple[str, str], list[tuple[int, float]]], title: str):
         ax.set_xlabel("epoch")
         ax.set_ylabel(_metric_label(metric))
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)), fontsize=7)
     fig.suptitle(title, fontsize=10)
     return fig
 
