@@ -54,6 +54,7 @@ def _metric_label(metric: str) -> str:
 def draw(curves: dict[tuple[str, str], list[tuple[int, float]]], title: str):
     """A matplotlib figure: one panel per metric (test accuracy first), a line per run, in %."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     metrics = sorted({m for _, m in curves}, key=lambda m: (m != "test_acc", m))
     runs = sorted({r for r, _ in curves})
@@ -68,6 +69,7 @@ def draw(curves: dict[tuple[str, str], list[tuple[int, float]]], title: str):
             ax.plot(epochs, [100 * v for v in values], color=f"C{i % 10}", label=run,
                     marker="o" if len(points) <= 25 else None, markersize=3)  # fmt: skip
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(_metric_label(metric))
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
