@@ -318,7 +318,7 @@ def _curve_figures(figures: dict[str, str], profile: str) -> list[str]:
         "",
     ]
     for slug, rel in figures.items():
-        lines += [f"```{{figure}} {rel}", f":name: fig-curves-{profile}-{slug}", ":width: 100%", "",
+        lines += [f"```{{figure}} {rel}", f":name: fig-curves-{profile}-{slug}", "",
                   f"{slug}: accuracy on the test set after every epoch.", "```", ""]  # fmt: skip
     return lines
 
