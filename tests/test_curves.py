@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from lipsort.book import curves, pages
 
 
@@ -37,6 +39,15 @@ def test_figures_are_written_once_and_shown_on_the_status_page(tmp_path):
     status = pages.render_status(results, figures={"full": files})
     assert "```{figure} results/curves/full-06_demo.png" in status
     assert "```{figure}" not in pages.render_status(results)
+
+
+def test_curve_keys_are_the_ones_the_figures_read():
+    key = curves.curve_key("mnist.small.rko", "cert158", 7)
+    assert curves.epoch_curves({key: 0.5}) == {("mnist.small.rko", "cert158"): [(7, 0.5)]}
+    with pytest.raises(ValueError, match="metric 'cert.158'"):
+        curves.curve_key("mnist", "cert.158", 1)
+    with pytest.raises(ValueError, match="metric 'cert.x'"):
+        curves.curve_key("mnist", "cert.x", 1)  # would read back as run 'mnist.cert', metric 'x'
 
 
 def test_panels_follow_the_metrics():

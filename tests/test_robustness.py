@@ -106,10 +106,16 @@ def test_robust_models_keeps_the_order_asked_and_names_unknown_ones():
 def test_a6_and_a10_results_leave_out_what_a_run_did_not_train():
     import pandas as pd
 
-    runs = {("relu", None): None, ("maxmin", "bjorck"): None}
+    from types import SimpleNamespace
+
+    def run(*accs):
+        return SimpleNamespace(history={"epoch": list(range(1, len(accs) + 1)), "eval_acc": list(accs)})
+
+    runs = {("relu", None): run(0.8, 0.9), ("maxmin", "bjorck"): run(0.85)}
     out = xr.a6_results(runs, pd.DataFrame({"test acc": [0.9, 0.85]}))
     assert out == pytest.approx({"a6.relu.standard.acc": 0.9, "a6.maxmin.bjorck.acc": 0.85,
-                                 "a6.gap.maxmin_bjorck": 0.05})
+                                 "a6.gap.maxmin_bjorck": 0.05, "a6.relu.standard.test_acc.e001": 0.8,
+                                 "a6.relu.standard.test_acc.e002": 0.9, "a6.maxmin.bjorck.test_acc.e001": 0.85})
     empty = xr.a6_table({}, (torch.zeros(0, 784), torch.zeros(0, dtype=torch.long)), n_check=1)
     assert xr.a6_results({}, empty) == {} and "seconds/epoch" in empty.columns
     t = torch.linspace(0, 1, 50, dtype=torch.float64)

@@ -13,9 +13,22 @@ import io
 import re
 from pathlib import Path
 
-__all__ = ["epoch_curves", "chapter_curves", "draw", "figure_files", "write_figures"]
+__all__ = ["curve_key", "epoch_curves", "chapter_curves", "draw", "figure_files", "write_figures"]
 
 _KEY = re.compile(r"^(?P<run>.+)\.(?P<metric>[a-z_]+\d*)\.e(?P<epoch>\d{3})$")
+
+
+def curve_key(run: str, metric: str, epoch: int) -> str:
+    """The result key of ``run``'s ``metric`` after ``epoch``, as :func:`epoch_curves` reads it.
+
+    >>> curve_key("mnist.large.bcop", "cert158", 2)
+    'mnist.large.bcop.cert158.e002'
+    """
+    key = f"{run}.{metric}.e{epoch:03d}"
+    m = _KEY.match(key)
+    if not m or m["metric"] != metric:  # the key must read back as this metric
+        raise ValueError(f"metric {metric!r} must be lower-case letters and '_', then digits (e.g. test_acc, cert158)")
+    return key
 
 
 def epoch_curves(results: dict) -> dict[tuple[str, str], list[tuple[int, float]]]:

@@ -18,6 +18,7 @@ from torch import nn
 
 from .. import conv as C
 from ..attacks import pgd_l2
+from ..book.curves import curve_key
 from ..certify import certified_accuracy, lipschitz_upper_bound
 from ..data import loader, subset_per_class
 from ..losses import MarginLoss
@@ -381,10 +382,10 @@ def curve_results(runs: list[Run], radii) -> dict:
         n = min(len(h["epoch"]) for h in hs)
         for j in range(n):
             e = hs[0]["epoch"][j]
-            out[f"{key}.test_acc.e{e:03d}"] = float(np.mean([h["eval_acc"][j] for h in hs]))
+            out[curve_key(key, "test_acc", e)] = float(np.mean([h["eval_acc"][j] for h in hs]))
             for radius in radii:
                 vals = [h["certified_acc"][j][h["certify_eps"].index(radius)] for h in hs]
-                out[f"{key}.{cert_key(radius)}.e{e:03d}"] = float(np.mean(vals))
+                out[curve_key(key, cert_key(radius), e)] = float(np.mean(vals))
     return out
 
 

@@ -26,6 +26,7 @@ from ..attacks import (
     assert_no_attack_inside_certificate,
     pgd_training_transform,
 )
+from ..book.curves import curve_key
 from ..certify import certified_radius, lipschitz_upper_bound
 from ..losses import MarginLoss
 from ..models import mlp
@@ -300,10 +301,12 @@ def a6_table(runs: dict, test_data, n_check: int, check_steps: int = 50):
 
 
 def a6_results(runs: dict, table) -> dict:
-    """The ledger's A6 numbers from :func:`a6_table`: each network's test accuracy, and the gap
-    of the Björck MaxMin (GroupSort) network to the standard ReLU one when both were trained."""
+    """The ledger's A6 numbers from :func:`a6_table`: each network's test accuracy, the gap of
+    the Björck MaxMin (GroupSort) network to the standard ReLU one when both were trained, and
+    each network's accuracy-against-epoch curve (:func:`curve_results`, ``a6.<act>.<linear>``)."""
     out = {f"a6.{act}.{con or 'standard'}.acc": float(acc)
            for acc, (act, con) in zip(table["test acc"], runs, strict=True)}
+    out.update(curve_results("a6", {f"{act}.{con or 'standard'}": run for (act, con), run in runs.items()}))
     ref = out.get("a6.relu.standard.acc")
     for act in ("maxmin", "groupsort"):
         if ref is not None and f"a6.{act}.bjorck.acc" in out:
@@ -349,7 +352,7 @@ def robustness_curves(models: dict, test_data, eps_grid, n_eval: int, steps: int
 def curve_results(prefix: str, runs: dict) -> dict:
     """Each run's test accuracy after every epoch, as ``{prefix}.{name}.test_acc.e{epoch:03d}``:
     the accuracy-against-epoch curves that a results file keeps (checkpoints may not be kept)."""
-    return {f"{prefix}.{name}.test_acc.e{e:03d}": float(acc)
+    return {curve_key(f"{prefix}.{name}", "test_acc", e): float(acc)
             for name, run in runs.items() for e, acc in zip(run.history["epoch"], run.history["eval_acc"])}
 
 
