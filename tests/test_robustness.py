@@ -136,6 +136,35 @@ def test_curve_results_keep_every_epochs_test_accuracy():
     assert xr.curve_results("mnist", runs) == {"mnist.relu.test_acc.e001": 0.5, "mnist.relu.test_acc.e002": 0.75}
 
 
+def test_robust_results_of_one_data_set_and_the_stacked_table():
+    import pandas as pd
+
+    from types import SimpleNamespace
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[0.5, 0.5], [0.2, -0.1]]))  # second row inside the ball
+    runs = {name: SimpleNamespace(model=net, history={"epoch": [1], "eval_acc": [0.7]})
+            for name in ("maxmin_linf", "relu_linf", "relu")}
+    rows = [{"model": m, "eps": e, "clean": 0.9, "certified": c, "attack": a, "L": 2.0}
+            for m, pts in {"maxmin_linf": [(0.6, 0.8), (0.2, 0.5)], "relu_linf": [(0.5, 0.5), (0.1, 0.3)],
+                           "relu": [(0.0, 0.4), (0.0, 0.1)]}.items()
+            for e, (c, a) in zip((0.1, 0.3), pts)]
+    curves = pd.DataFrame(rows)
+    out = xr.robust_results("fashion", runs, curves)
+    assert out["fashion.attack0.3.maxmin_minus_relu_linf"] == pytest.approx(0.2)
+    assert out["fashion.min_attack_minus_certified"] == pytest.approx(0.0)
+    assert out["fashion.relu.eps0.1.attack"] == 0.4 and out["fashion.relu_linf.lipschitz"] == 2.0
+    assert out["fashion.maxmin_linf.rows_inside_ball"] == pytest.approx(0.5)
+    assert "fashion.relu.rows_inside_ball" not in out and out["fashion.relu.test_acc.e001"] == 0.7
+    # Without both hinge nets there is no MaxMin-minus-ReLU difference.
+    assert "fashion.attack0.3.maxmin_minus_relu_linf" not in xr.robust_results(
+        "fashion", {"relu": runs["relu"]}, curves[curves.model == "relu"])
+    table = xr.curve_table({"MNIST": curves, "Fashion-MNIST": curves[curves.model == "relu"]})
+    assert list(table.index.names) == ["data set", "eps"] and len(table) == 4
+    assert table.loc[("MNIST", 0.3), ("attack", "maxmin_linf")] == 0.5
+
+
 def test_rows_inside_ball_counts_rows_strictly_inside_after_the_projection():
     from lipsort.optim import project_linf_
 

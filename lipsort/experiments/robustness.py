@@ -41,6 +41,7 @@ __all__ = [
     "a6_results",
     "a6_table",
     "curve_results",
+    "curve_table",
     "build",
     "input_gradient_norms",
     "load_split",
@@ -50,6 +51,7 @@ __all__ = [
     "plot_training",
     "plot_undead",
     "robust_models",
+    "robust_results",
     "rows_inside_ball",
     "robustness_curves",
     "tightness_table",
@@ -354,6 +356,39 @@ def curve_results(prefix: str, runs: dict) -> dict:
     the accuracy-against-epoch curves that a results file keeps (checkpoints may not be kept)."""
     return {curve_key(f"{prefix}.{name}", "test_acc", e): float(acc)
             for name, run in runs.items() for e, acc in zip(run.history["epoch"], run.history["eval_acc"])}
+
+
+def curve_table(curves_by_dataset: dict):
+    """:func:`robustness_curves` of each data set as one table: a row per (data set, ε), the
+    certified and attack accuracy of each network in columns."""
+    import pandas as pd
+
+    return pd.concat({title: df.pivot(index="eps", columns="model", values=["certified", "attack"])
+                      for title, df in curves_by_dataset.items()}, names=["data set"])
+
+
+def robust_results(prefix: str, runs: dict, curves) -> dict:
+    """The result keys of one data set's A8/A9 networks: their curves (:func:`curve_results`),
+    clean accuracy and exact ℓ∞ bound, certified and attack accuracy at ε = 0.1 and 0.3, the
+    fraction of rows strictly inside the ℓ1 ball of each hinge net, MaxMin's attack advantage
+    over ReLU at ε = 0.3 when both hinge nets ran, and the smallest attack-minus-certified gap
+    (never negative: :func:`robustness_curves` raises first). ``curves`` is
+    :func:`robustness_curves` of ``runs``' models."""
+    out = curve_results(prefix, runs)
+    for name, run in runs.items():
+        if ROBUST_MODELS[name][1] == "hinge":
+            out[f"{prefix}.{name}.rows_inside_ball"] = rows_inside_ball(run.model)
+    for r in curves[curves.eps.isin([0.1, 0.3])].itertuples():
+        key = f"{prefix}.{r.model}.eps{r.eps:g}"
+        out[f"{key}.certified"], out[f"{key}.attack"] = float(r.certified), float(r.attack)
+    if {"maxmin_linf", "relu_linf"} <= set(runs) and (curves.eps == 0.3).any():
+        out[f"{prefix}.attack0.3.maxmin_minus_relu_linf"] = (
+            out[f"{prefix}.maxmin_linf.eps0.3.attack"] - out[f"{prefix}.relu_linf.eps0.3.attack"])
+    for name, part in curves.groupby("model"):
+        out[f"{prefix}.{name}.clean"] = float(part.clean.iloc[0])
+        out[f"{prefix}.{name}.lipschitz"] = float(part.L.iloc[0])
+    out[f"{prefix}.min_attack_minus_certified"] = float((curves.attack - curves.certified).min())
+    return out
 
 
 def plot_training(runs_by_dataset: dict):
