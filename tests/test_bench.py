@@ -90,7 +90,7 @@ def test_cli_quick_run_reports_ratios_and_writes_json(tmp_path, capsys):
             assert r["value"] > 0  # minutes for the A3 run
         elif r["bench"] == "subnormal":  # flushed: none left; torch's default keeps them
             assert r["value"] == 0 if r["impl"] != "not flushed" else r["value"] > 0.2
-        elif r["bench"] in ("bcop", "bcop_kernel") and r["impl"] != "unconstrained":
+        elif r["bench"] in ("bcop", "bcop_kernel") and not r["impl"].startswith("unconstrained"):
             # Exact singular values: both constructions orthogonal, with the same gradient.
             assert r["value"] < 1e-5 and r["grad_error"] < 1e-4
     assert "× lipsort" in table
@@ -119,17 +119,18 @@ def test_bcop_case_compares_the_per_tap_construction():
     res = bench.run(["bcop"], repeat=1, threads=1, min_time=0.001, tiny=True, progress=False)
     steps = [r for r in res["rows"] if r["bench"] == "bcop"]
     kernels = [r for r in res["rows"] if r["bench"] == "bcop_kernel"]
-    impls = ["lipsort", "per-tap", "per-tap, lipsort Björck", "unconstrained"]
+    impls = ["lipsort", "per-tap", "per-tap, lipsort Björck", "unconstrained", "unconstrained, lipsort conv"]
     assert len(steps) == len(impls) * len(TINY_LAYERS)
-    assert len(kernels) == (len(impls) - 1) * len(TINY_LAYERS)
+    assert len(kernels) == (len(impls) - 2) * len(TINY_LAYERS)
     for net, c_in, c_out, k, size in TINY_LAYERS:
         case = [r for r in steps if f"{c_in}→{c_out} {k}×{k} @{size}×{size}" in r["case"]]
         assert sorted(r["impl"] for r in case) == sorted(impls)
-        ours, peer, fast, free = (next(r for r in case if r["impl"] == i) for i in impls)
+        ours, peer, fast, free, conv = (next(r for r in case if r["impl"] == i) for i in impls)
         assert ours["ratio"] == 1.0 and peer["ratio"] == pytest.approx(peer["time_ms"] / ours["time_ms"])
         for r in (ours, peer, fast):
             assert r["metric"] == "max|σ-1|" and r["value"] < 1e-5 and r["grad_error"] < 1e-4
         assert free["grad_error"] is None and free["value"] >= 0
+        assert conv["grad_error"] is None and conv["value"] == free["value"]  # the same free kernel
         # The kernel construction alone: the same three constructions, orthogonal, one gradient.
         case = [r for r in kernels if f"{c_in}→{c_out} {k}×{k} @{size}×{size}" in r["case"]]
         assert sorted(r["impl"] for r in case) == sorted(impls[:3])

@@ -546,3 +546,32 @@ def test_plain_conv2d_bound_names_what_it_supports():
     assert float(lipschitz_upper_bound(circular)) == pytest.approx(
         float(singular_values(circular.weight, (6, 6))[0])
     )
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_circular_conv2d_gradients_are_autograds_through_the_padding(k):
+    """The adjoint backward gives autograd's gradients through pad + conv2d, double backward
+    included; under torch.func transforms the plain operations run (jacrev)."""
+    import torch.nn.functional as nnf
+
+    from lipsort.conv._base import _pads
+
+    torch.manual_seed(0)
+    f64 = dict(dtype=torch.float64, requires_grad=True)
+    x, w, b = torch.randn(2, 3, 5, 6, **f64), torch.randn(4, 3, k, k, **f64), torch.randn(4, **f64)
+    assert torch.autograd.gradcheck(circular_conv2d, (x, w, b))
+    assert torch.autograd.gradgradcheck(circular_conv2d, (x, w, b))
+    cot = torch.randn(2, 4, 5, 6, dtype=torch.float64)
+    ours = torch.autograd.grad(circular_conv2d(x, w, b), (x, w, b), cot)
+    plain = nnf.conv2d(nnf.pad(x, _pads((k, k)), mode="circular"), w, b)
+    assert "CircularConv" in type(circular_conv2d(x, w, b).grad_fn).__name__  # the adjoint path ran
+    for ours_g, ref_g in zip(ours, torch.autograd.grad(plain, (x, w, b), cot)):
+        torch.testing.assert_close(ours_g, ref_g, rtol=1e-12, atol=1e-12)
+    # Only the input needs a gradient (a frozen kernel), and only the kernel (a first layer).
+    g_x, = torch.autograd.grad(circular_conv2d(x, w.detach()), (x,), cot)
+    g_w, = torch.autograd.grad(circular_conv2d(x.detach(), w), (w,), cot)
+    torch.testing.assert_close(g_x, ours[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_w, ours[1], rtol=1e-12, atol=1e-12)
+    jac = torch.func.jacrev(lambda v: circular_conv2d(v, w.detach()))(x[:1].detach())
+    torch.testing.assert_close(jac.reshape(4 * 30, 3 * 30), jacobian(
+        lambda v: circular_conv2d(v, w.detach()), x[:1].detach()).reshape(4 * 30, 3 * 30))

@@ -7,7 +7,10 @@ import copy
 import torch
 from torch import nn
 
+import torch.nn.functional as nnf
+
 from ..conv import BCOP, circular_conv2d, singular_values
+from ..conv._base import _pads
 from ..conv.reference import bcop_kernel_per_tap
 from ._measure import Config, Row, measure_case
 from .weights import _train, rel_error
@@ -26,8 +29,15 @@ LAYERS = (
 TINY_LAYERS = (("tiny", 4, 8, 3, 6), ("tiny", 8, 4, 2, 4))
 
 
+def _autograd_circular_conv2d(x, kernel, bias):
+    """The circular convolution as ``nn.Conv2d(..., padding_mode="circular")`` computes it, padding
+    then ``conv2d``, differentiated by autograd through both: what a straightforward layer runs."""
+    return nnf.conv2d(nnf.pad(x, _pads(kernel.shape[-2:]), mode="circular"), kernel, bias)
+
+
 class _PerTap(nn.Module):
-    """A BCOP layer's convolution with its kernel built by the per-tap reference construction."""
+    """A BCOP layer's convolution with its kernel built by the per-tap reference construction,
+    run as a straightforward layer would (:func:`_autograd_circular_conv2d`)."""
 
     def __init__(self, layer, fast_bjorck: bool = False):
         super().__init__()
@@ -37,7 +47,19 @@ class _PerTap(nn.Module):
         return bcop_kernel_per_tap(self.layer, self.fast_bjorck)
 
     def forward(self, x):
-        return circular_conv2d(x, self.kernel(), self.layer.bias)
+        return _autograd_circular_conv2d(x, self.kernel(), self.layer.bias)
+
+
+class _FreeConv(nn.Module):
+    """A free kernel through lipsort's circular convolution (the convolution's share of a
+    lipsort layer's step)."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.weight, self.bias = conv.weight, conv.bias
+
+    def forward(self, x):
+        return circular_conv2d(x, self.weight, self.bias)
 
 
 def _free(model: nn.Module) -> list[torch.Tensor]:
@@ -64,6 +86,7 @@ def _bcop_case(cfg: Config, net: str, c_in: int, c_out: int, k: int, size: int, 
         "per-tap, lipsort Björck": _PerTap(copy.deepcopy(layer), fast_bjorck=True),
         "unconstrained": nn.Conv2d(c_in, c_out, k, padding="same", padding_mode="circular"),
     }
+    models["unconstrained, lipsort conv"] = _FreeConv(copy.deepcopy(models["unconstrained"]))
     models = {name: m.to(cfg.device).train() for name, m in models.items()}
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(batch, c_in, size, size, generator=gen).to(cfg.device)
@@ -80,7 +103,7 @@ def _bcop_case(cfg: Config, net: str, c_in: int, c_out: int, k: int, size: int, 
         """The gradient of ⟨layer(x), cot⟩ in the free parameters through the per-tap
         construction in float64 (same Björck counts), at ``bcop``'s current parameters."""
         ref = copy.deepcopy(bcop).to(torch.float64)
-        out = circular_conv2d(x64, bcop_kernel_per_tap(ref), ref.bias)
+        out = _autograd_circular_conv2d(x64, bcop_kernel_per_tap(ref), ref.bias)
         return _flat(torch.autograd.grad(out, _free(ref), cot64))
 
     # A few Adam steps first, so that the parameters leave the orthonormal initialization.
@@ -92,6 +115,7 @@ def _bcop_case(cfg: Config, net: str, c_in: int, c_out: int, k: int, size: int, 
         "per-tap": "2(k-1)+1 square n×n Björcks (autograd through each step), taps one product at a time",
         "per-tap, lipsort Björck": "the same with lipsort's Björck (hand-written backward)",
         "unconstrained": "circular nn.Conv2d, free kernel",
+        "unconstrained, lipsort conv": "free kernel, lipsort.conv.circular_conv2d (adjoint backward)",
     }
     for name, m in models.items():
 
@@ -106,7 +130,7 @@ def _bcop_case(cfg: Config, net: str, c_in: int, c_out: int, k: int, size: int, 
         m = models[name]
         with torch.no_grad():
             err = float((singular_values(_kernel(m).detach(), size) - 1).abs().max())
-        if name == "unconstrained":
+        if name.startswith("unconstrained"):
             return err, None
         # The two copies trained apart (by rounding): each is compared at its own parameters.
         grad = _flat(torch.autograd.grad(out, _free(m), cot))
@@ -115,7 +139,7 @@ def _bcop_case(cfg: Config, net: str, c_in: int, c_out: int, k: int, size: int, 
     name = f"{net} BCOP {c_in}→{c_out} {k}×{k} @{size}×{size}"
     step = "train step" + ("" if x.requires_grad else ", no input gradient")
     rows = measure_case("bcop", f"{name}, batch {batch}, {step}", impls, cfg, "max|σ-1|", check)
-    return rows + _kernel_rows(cfg, name, {i: m for i, m in models.items() if i != "unconstrained"})
+    return rows + _kernel_rows(cfg, name, {i: m for i, m in models.items() if not i.startswith("unconstrained")})
 
 
 def _kernel_rows(cfg: Config, name: str, models: dict) -> list[Row]:
