@@ -28,6 +28,14 @@ after the last one above ``d·eps``: the two rules differ only where the error w
 the floor, i.e. in which rounding-level step starts the tail), whose inputs are then at the
 rounding floor (~δ²), and of every earlier step as usual; what it drops is of the size of the
 rounding it already carries. (For a wide ``X`` the same with ``XXᵀ`` and left products.)
+
+Note [early stop]. For the same reason the forward may stop there: on CPU (where reading an
+error back costs nothing) the loop ends after the first step whose input is within ``d·eps`` of
+orthonormal, whose output is at the rounding floor; the steps left of the count would move it
+by rounding only. A trained 1024×1024 weight, pre-scaled by the rigorous bound, reaches the
+floor at its 7th step, so 8 of the 20 steps run. The stop is a function of the input alone
+(deterministic), :func:`plain` and :class:`Steps` stop at the same step (the same weight), and
+elsewhere (other devices, ``torch.func`` transforms, tracing) the full count runs.
 """
 
 from __future__ import annotations
@@ -101,12 +109,15 @@ def step(w: torch.Tensor, g: torch.Tensor, left: bool, coeffs, eye: torch.Tensor
     return _mm(poly, w) if left else _mm(w, poly)
 
 
-def plain(w: torch.Tensor, n_iters: int, coeffs) -> torch.Tensor:
-    """``n_iters`` steps, differentiated (if at all) by autograd through every operation."""
+def plain(w: torch.Tensor, n_iters: int, coeffs, stop: bool = False) -> torch.Tensor:
+    """``n_iters`` steps (with ``stop``, fewer: Note [early stop]), differentiated (if at all)
+    by autograd through every operation."""
     eye = torch.eye(min(w.shape[-2:]), dtype=w.dtype, device=w.device)
     for _ in range(n_iters):
         g, left = _gram(w)
         w = step(w, g, left, coeffs, eye)
+        if stop and _converged(g.detach(), eye):
+            break
     return w
 
 
@@ -116,8 +127,8 @@ def _gram_error(g: torch.Tensor, eye: torch.Tensor) -> torch.Tensor:
 
 
 def _converged(g: torch.Tensor, eye: torch.Tensor) -> bool:
-    """Whether ``‖G − I‖_F ≤ d·eps`` for every matrix of the batch."""
-    return bool(_gram_error(g, eye) <= 1)
+    """Whether ``‖G − I‖_F ≤ d·eps`` for every matrix of the batch (of an empty one: vacuously)."""
+    return g.numel() == 0 or bool(_gram_error(g, eye) <= 1)
 
 
 def _converged_from(grams: list[torch.Tensor], eye: torch.Tensor) -> int:
@@ -144,17 +155,21 @@ class Steps(torch.autograd.Function):
     """``n_iters`` Björck steps; backward by the adjoint of each step, newest first."""
 
     @staticmethod
-    def forward(ctx, w, n_iters, coeffs, prescaled):
+    def forward(ctx, w, n_iters, coeffs, prescaled, stop):
         eye = torch.eye(min(w.shape[-2:]), dtype=w.dtype, device=w.device)
         saved = []
         # The pre-scale's adjoint is hand-written too: through autograd, its few small
         # operations cost as much as the steps on BCOP's matrices.
         x, amax, bound = prescale(w) if prescaled else (w, None, None)
-        for _ in range(n_iters):
+        ctx.stopped = False
+        for _ in range(n_iters):  # the same operations as plain(), so the same weight
             g, left = _gram(x)
             saved += [x, g]
             x = step(x, g, left, coeffs, eye)
-        ctx.n_iters, ctx.coeffs, ctx.prescaled = n_iters, coeffs, prescaled
+            if stop and _converged(g, eye):
+                ctx.stopped = True
+                break
+        ctx.n_iters, ctx.coeffs, ctx.prescaled = len(saved) // 2, coeffs, prescaled
         # The input is saved (a double backward re-runs everything differentiably from it).
         ctx.save_for_backward(w, amax, bound, *saved)
         return x
@@ -164,16 +179,18 @@ class Steps(torch.autograd.Function):
         w, amax, bound, *saved = ctx.saved_tensors
         coeffs = ctx.coeffs
         if torch.is_grad_enabled():  # create_graph: differentiate the plain loop instead
-            with torch.enable_grad():
+            with torch.enable_grad():  # (the steps the forward took, no more)
                 out = plain(prescale(w)[0] if ctx.prescaled else w, ctx.n_iters, coeffs)
-            return torch.autograd.grad(out, w, grad, create_graph=True)[0], None, None, None
+            return torch.autograd.grad(out, w, grad, create_graph=True)[0], None, None, None, None
         eye = torch.eye(saved[1].shape[-1], dtype=grad.dtype, device=grad.device)
         # The input of step `first` is within d·eps of orthonormal, so its output and every
         # later iterate are at the rounding floor (~δ²): the adjoint of the newest step
         # stands for all of those. (Not step `first` itself: at d·eps its Jacobian still
         # differs from the projection by ~δ/2, which grows with d.)
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            first = len(saved) // 2  # inside a CUDA graph: no host sync, so no collapse
+        if ctx.stopped or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+            # Stopped early, the newest step's input is the first at the floor: no tail. Inside
+            # a CUDA graph: no host sync, so no collapse.
+            first = len(saved) // 2
         else:
             first = _converged_from(saved[1::2], eye) + 1
         newest = len(saved) - 2
@@ -207,4 +224,4 @@ class Steps(torch.autograd.Function):
             grad = grad - (_mm(sym, x) if left else _mm(x, sym))
         if ctx.prescaled:
             grad = _prescale_adjoint(grad, saved[0], saved[1], amax, bound)
-        return grad, None, None, None
+        return grad, None, None, None, None

@@ -351,11 +351,12 @@ def bjorck(w: torch.Tensor, n_iters: int = 20, order: int = 1, prescale: bool = 
     (:func:`bjorck_prescale`): then every singular value lies in (0, 1], each iteration
     increases it without overshooting 1, and the iteration converges for any input scale.
     Gradients flow through the iterations (chapter 03), by their hand-written adjoint
-    (:mod:`lipsort._bjorck`): exact for the function computed.
+    (:mod:`lipsort._bjorck`): exact for the function computed. On CPU the loop ends after the first
+    iteration whose input has ``‖WᵀW − I‖_F ≤ d·eps``: the rest would change only rounding.
 
     Args:
         w: a ``(m, n)`` matrix or a batch ``(..., m, n)``.
-        n_iters: number of iterations.
+        n_iters: number of iterations (at most, on CPU).
         order: Taylor order ``p`` in 1..4.
         prescale: divide by a spectral bound first (turn off only if ``‖W‖₂ ≤ 1`` already).
 
@@ -372,12 +373,14 @@ def bjorck(w: torch.Tensor, n_iters: int = 20, order: int = 1, prescale: bool = 
     if w.dim() > 3:  # the steps take 2-D matrices or 3-D batches
         return bjorck(w.reshape(-1, *w.shape[-2:]), n_iters, order, prescale).reshape(w.shape)
     coeffs = _BJORCK_COEFFS[: order + 1]
-    if n_iters and w.requires_grad and torch.is_grad_enabled() and _unwrapped(w) and _eager_autograd():
+    eager = _unwrapped(w) and _eager_autograd()
+    stop = eager and w.device.type == "cpu"  # Note [early stop] in lipsort._bjorck
+    if n_iters and w.requires_grad and torch.is_grad_enabled() and eager:
         # One node with the adjoint of the pre-scale and the steps.
-        return _bjorck.Steps.apply(w, n_iters, coeffs, prescale)
+        return _bjorck.Steps.apply(w, n_iters, coeffs, prescale, stop)
     if prescale:
         w = bjorck_prescale(w)
-    return _bjorck.plain(w, n_iters, coeffs)
+    return _bjorck.plain(w, n_iters, coeffs, stop)
 
 
 def polar(

@@ -125,7 +125,7 @@ def test_bjorck_adjoint_is_autograd_through_the_plain_steps(shape, order):
     cot = random_matrix(shape, seed=12)
     out = F.bjorck(w, 6, order)
     batch = F.bjorck_prescale(w).reshape(-1, *shape[-2:])  # plain takes 2-D or 3-D
-    ref = _bjorck.plain(batch if len(shape) > 2 else batch[0], 6, F._BJORCK_COEFFS[: order + 1])
+    ref = _bjorck.plain(batch if len(shape) > 2 else batch[0], 6, F._BJORCK_COEFFS[: order + 1], stop=True)
     ref = ref.reshape(shape)
     assert out.grad_fn is not None and torch.equal(out, ref)
     (grad,) = torch.autograd.grad(out, w, cot)
@@ -160,7 +160,7 @@ def test_bjorck_adjoint_collapses_the_converged_tail_exactly(shape, order):
     assert 2 <= first <= 10  # converged within a few steps: most of the backward is skipped
     assert not _bjorck._converged(grams[first - 1], eye)
     assert all(_bjorck._converged(g, eye) for g in grams[first:])
-    (grad,) = torch.autograd.grad(F.bjorck(w, 20, order), w, cot)
+    (grad,) = torch.autograd.grad(_bjorck.Steps.apply(w, 20, coeffs, True, False), w, cot)  # all 20 steps
     ref = _bjorck.plain(F.bjorck_prescale(w), 20, coeffs)
     (grad_ref,) = torch.autograd.grad(ref, w, cot)
     assert float((grad - grad_ref).norm() / grad_ref.norm()) < 1e-14
@@ -174,12 +174,47 @@ def test_bjorck_backward_skips_the_converged_tail(monkeypatch):
     w = _near_orthonormal((12, 12), 21).requires_grad_()
     applied = []
     monkeypatch.setattr(_bjorck, "plus_transpose", lambda m, sign: applied.append(1) or m + sign * m.mT)
-    torch.autograd.grad(F.bjorck(w, 20), w, random_matrix((12, 12), seed=23))
+
+    def twenty_steps():  # no early stop (Note [early stop]): all 20 run forward
+        out = _bjorck.Steps.apply(w, 20, (1.0, 0.5), True, False)
+        torch.autograd.grad(out, w, random_matrix((12, 12), seed=23))
+
+    twenty_steps()
     skipping = len(applied)
     applied.clear()
     monkeypatch.setattr(_bjorck, "_converged_from", lambda grams, eye: len(grams))
-    torch.autograd.grad(F.bjorck(w, 20), w, random_matrix((12, 12), seed=23))
+    twenty_steps()
     assert len(applied) == 20 and 3 <= skipping <= 12
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(64, 48), (48, 64), (3, 16, 16)])
+def test_bjorck_stops_at_the_rounding_floor_with_the_full_counts_result(shape, dtype):
+    # Note [early stop]: on CPU the loop ends after the first step whose input is within d·eps
+    # of orthonormal; the 20-step result differs by rounding only, and the gradient is the
+    # exact one of the steps taken (autograd through the same stopped loop).
+    from lipsort import _bjorck
+
+    w = _near_orthonormal(shape, 41, dtype).requires_grad_()
+    coeffs, eps = (1.0, 0.5), torch.finfo(dtype).eps
+    out = F.bjorck(w, 20)
+    ctx = out.grad_fn
+    assert ctx.stopped and ctx.n_iters < 20  # stopped early, and the count the backward used
+    full = _bjorck.Steps.apply(w, 20, coeffs, True, False)
+    assert float((out - full).detach().abs().max()) < 100 * eps
+    ref = _bjorck.plain(F.bjorck_prescale(w), 20, coeffs, stop=True)
+    assert torch.equal(out, ref)  # the same steps, the same weight
+    with torch.no_grad():
+        assert torch.equal(F.bjorck(w, 20), ref)
+    cot = random_matrix(shape, seed=43).to(dtype)
+    (grad,) = torch.autograd.grad(out, w, cot)
+    (grad_ref,) = torch.autograd.grad(ref, w, cot)
+    (grad_full,) = torch.autograd.grad(full, w, cot)
+    assert float((grad - grad_ref).norm() / grad_ref.norm()) < 100 * eps
+    assert float((grad - grad_full).norm() / grad_full.norm()) < 100 * eps
+    # Under torch.func transforms the full count runs (no data-dependent stop).
+    jac = torch.func.jacrev(lambda v: F.bjorck(v, 20))(w.detach()[..., :1, :, :] if len(shape) > 2 else w.detach())
+    assert jac.shape[: len(shape)] == (w[..., :1, :, :] if len(shape) > 2 else w).shape
 
 
 @pytest.mark.parametrize("shape", [(4, 32, 16), (64, 64), (96, 128)])
@@ -236,8 +271,8 @@ def test_bjorck_converged_tail_keeps_the_step_that_first_reaches_the_floor(d):
     assert _bjorck._converged_from([_bjorck._gram(w32)[0]], torch.eye(d)) == 0
     cot = u[:, :1] @ v[:, :1].T
     x32, x64 = w32.clone().requires_grad_(), w32.double().requires_grad_()
-    (ref,) = torch.autograd.grad(_bjorck.Steps.apply(x64, 20, (1.0, 0.5), False), x64, cot)
-    (ours,) = torch.autograd.grad(_bjorck.Steps.apply(x32, 20, (1.0, 0.5), False), x32, cot.float())
+    (ref,) = torch.autograd.grad(_bjorck.Steps.apply(x64, 20, (1.0, 0.5), False, False), x64, cot)
+    (ours,) = torch.autograd.grad(_bjorck.Steps.apply(x32, 20, (1.0, 0.5), False, False), x32, cot.float())
     (unrolled,) = torch.autograd.grad(_bjorck.plain(x32, 20, (1.0, 0.5)), x32, cot.float())
 
     def err(g):
