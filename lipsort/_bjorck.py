@@ -35,14 +35,32 @@ orthonormal, whose output is at the rounding floor; the steps left of the count 
 by rounding only. A trained 1024×1024 weight, pre-scaled by the rigorous bound, reaches the
 floor at its 7th step, so 8 of the 20 steps run. The stop is a function of the input alone
 (deterministic), :func:`plain` and :class:`Steps` stop at the same step (the same weight), and
-elsewhere (other devices, ``torch.func`` transforms, tracing) the full count runs.
+elsewhere (other devices, ``torch.func`` transforms, tracing) the full count runs, and
+inside :func:`every_step`.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ._native import plus_transpose
+
+
+STOP = True  # Note [early stop]; every_step() turns it off
+
+
+@contextlib.contextmanager
+def every_step():
+    """Run the whole count of every fixed-count loop inside the block, without Note [early
+    stop]: the literal arithmetic of ``n_iters`` steps (``python -m lipsort.bench stop``)."""
+    global STOP
+    stop, STOP = STOP, False
+    try:
+        yield
+    finally:
+        STOP = stop
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

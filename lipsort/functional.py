@@ -374,7 +374,7 @@ def bjorck(w: torch.Tensor, n_iters: int = 20, order: int = 1, prescale: bool = 
         return bjorck(w.reshape(-1, *w.shape[-2:]), n_iters, order, prescale).reshape(w.shape)
     coeffs = _BJORCK_COEFFS[: order + 1]
     eager = _unwrapped(w) and _eager_autograd()
-    stop = eager and w.device.type == "cpu"  # Note [early stop] in lipsort._bjorck
+    stop = eager and w.device.type == "cpu" and _bjorck.STOP  # Note [early stop] in lipsort._bjorck
     if n_iters and w.requires_grad and torch.is_grad_enabled() and eager:
         # One node with the adjoint of the pre-scale and the steps.
         return _bjorck.Steps.apply(w, n_iters, coeffs, prescale, stop)

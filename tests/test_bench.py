@@ -138,6 +138,18 @@ def test_bcop_case_compares_the_per_tap_construction():
             assert r["value"] < 1e-5 and r["grad_error"] < 1e-4
 
 
+def test_stop_case_times_the_early_stop_against_every_step():
+    res = bench.run(["stop"], repeat=1, threads=1, min_time=0.001, tiny=True, progress=False)
+    rows = [r for r in res["rows"] if r["bench"] == "stop"]
+    assert len(rows) == 4 and {r["impl"] for r in rows} == {"lipsort", "every step"}
+    for r in rows:  # both Björck loops end orthonormal: 20 steps, or stopped at the floor
+        assert r["value"] < 1e-5 and r["time_ms"] > 0
+    from lipsort.bench.report import page_table
+
+    table = page_table(res, "stop")
+    assert "BCOP Small" in table and "every step" in table
+
+
 def test_peak_memory_sees_a_temporary():
     from lipsort.bench._measure import peak_bytes
 

@@ -32,6 +32,8 @@ machine and its load; only ratios within one run are meant to be compared.
   the exact max |σ − 1| of each kernel at the layer's input size.
 * ``subnormal``: an Adam step of the paper's standard ReLU MLP whose moments have partly decayed
   into subnormal floats, flushed to zero (as after :func:`lipsort.setup`) or not (torch's default).
+* ``stop``: training steps of the papers' networks at a fixed 20 Björck iterations, with the
+  loop's early stop at the rounding floor (CPU) and with every step run.
 
 New cases register a runner with :func:`register`.
 """
@@ -50,7 +52,7 @@ import torch
 
 from ._measure import Config, Row
 from .convolutions import bench_bcop
-from .nets import bench_groupsort, bench_mlp, bench_subnormal
+from .nets import bench_groupsort, bench_mlp, bench_stop, bench_subnormal
 from .peers import deel_torchlip, naive_group_sort, reference_bjorck
 from .weights import bench_bjorck, bench_cache, bench_layer, bench_widths
 
@@ -74,6 +76,7 @@ _RUNNERS: dict[str, Callable] = {
     "mlp": bench_mlp,
     "bcop": bench_bcop,
     "subnormal": bench_subnormal,
+    "stop": bench_stop,
 }
 BENCHMARKS = tuple(_RUNNERS)
 

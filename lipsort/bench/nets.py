@@ -8,7 +8,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from .. import _native
+from .. import _bjorck, _native
 from .. import functional as F
 from .. import models
 from ._measure import Config, Row, measure_case
@@ -243,3 +243,47 @@ def bench_subnormal(cfg: Config, deel, notes: list[str]) -> list[Row]:
     finally:
         torch.set_flush_denormal(was_flushing)
     return rows
+
+
+def _every_step(step):
+    """``step`` run with the whole count of every Björck loop (:func:`lipsort._bjorck.every_step`)."""
+
+    def run():
+        with _bjorck.every_step():
+            return step()
+
+    return run
+
+
+def bench_stop(cfg: Config, deel, notes: list[str]) -> list[Row]:
+    """Training steps (Adam, batch 128, after 5 steps) of the papers' networks at the authors'
+    fixed 20 Björck iterations, with the loop's early stop at the rounding floor (Note [early
+    stop] in :mod:`lipsort._bjorck`) and with every step run."""
+    from ..conv import networks
+
+    if cfg.device.type != "cpu":
+        notes.append("stop: skipped (the early stop runs on CPU only)")
+        return []
+    batch = 8 if cfg.tiny else 128
+    sizes = [24, 32, 32, 32, 10] if cfg.tiny else [784, 1024, 1024, 1024, 10]
+    cases = {f"MLP {'-'.join(map(str, sizes))} Björck(20) MaxMin (A6, FC-3)": lambda: models.mlp(
+        sizes, "maxmin", "bjorck", n_iters=20)}
+    cases["BCOP Small" if cfg.tiny else "BCOP Large (Li et al.)"] = (
+        networks.bcop_small if cfg.tiny else networks.bcop_large)
+    rows = []
+    for name, make in cases.items():
+        torch.manual_seed(0)
+        nets = {"lipsort": make(), "every step": make()}
+        nets["every step"].load_state_dict(nets["lipsort"].state_dict())
+        x = torch.rand(batch, *((sizes[0],) if name.startswith("MLP") else (1, 28, 28)))
+        y = torch.randint(0, 10, (batch,))
+        impls = _train_step_impls(nets, x, y, warmup=2 if cfg.tiny else 5)
+        impls = [(n, f if n == "lipsort" else _every_step(f), b, note) for n, f, b, note in impls]
+
+        def check(impl, loss, nets=nets):
+            dense = [m.weight.detach() for m in nets[impl].modules() if isinstance(m, nn.Linear)]
+            return max(float((F.operator_norm(w, 2) - 1).abs()) for w in dense)
+
+        rows += measure_case("stop", f"{name}, batch {batch}, train step", impls, cfg, "max |‖W‖₂ − 1| (dense)", check)
+    return rows
+

@@ -209,6 +209,17 @@ def _subnormal(result: dict) -> list[str]:
     return lines
 
 
+def _stop(result: dict) -> list[str]:
+    lines = ["| case | early stop (lipsort) | every step | max \\|‖W‖₂ − 1\\| (stop / every step) | peak MiB (stop / every step) |",
+             "|---|---|---|---|---|"]
+    for case, rows in _grouped(_rows(result, "stop")).items():
+        ours, full = (_pick(rows, impl) for impl in ("lipsort", "every step"))
+        lines.append(f"| {case.split(',')[0]} | {ours['time_ms']:.0f} ms | {_vs(full, '.0f', ' ms')} "
+                     f"| {_fmt(ours['value'], '.0e')} / {_fmt(full['value'], '.0e')} "
+                     f"| {_fmt(ours['peak_mib'], '.0f')} / {_fmt(full['peak_mib'], '.0f')} |")  # fmt: skip
+    return lines
+
+
 def _polar(result: dict) -> list[str]:
     """What the polar factor did in each case (the notes of ``weights.polar_note``)."""
     return [f"- {n}" for n in result.get("notes", []) if n.startswith("lipsort")]
@@ -217,7 +228,7 @@ def _polar(result: dict) -> list[str]:
 #: The tables of the performance page, by the name its markers use.
 PAGE_TABLES = {"layer": _layer, "widths": _widths, "bjorck": _bjorck, "activations": _activations,
                "cache": _cache, "networks": _networks, "bcop": _bcop, "bcop_kernel": _bcop_kernel,
-               "polar": _polar, "subnormal": _subnormal}  # fmt: skip
+               "polar": _polar, "subnormal": _subnormal, "stop": _stop}  # fmt: skip
 
 
 def page_table(result: dict, name: str) -> str:
