@@ -214,7 +214,7 @@ def _stop(result: dict) -> list[str]:
              "|---|---|---|---|---|"]
     for case, rows in _grouped(_rows(result, "stop")).items():
         ours, full = (_pick(rows, impl) for impl in ("lipsort", "every step"))
-        lines.append(f"| {case.split(',')[0]} | {ours['time_ms']:.0f} ms | {_vs(full, '.0f', ' ms')} "
+        lines.append(f"| {case.split(', batch')[0]} | {ours['time_ms']:.0f} ms | {_vs(full, '.0f', ' ms')} "
                      f"| {_fmt(ours['value'], '.0e')} / {_fmt(full['value'], '.0e')} "
                      f"| {_fmt(ours['peak_mib'], '.0f')} / {_fmt(full['peak_mib'], '.0f')} |")  # fmt: skip
     return lines
