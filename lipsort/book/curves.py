@@ -66,12 +66,17 @@ def _metric_label(metric: str) -> str:
 
 def draw(curves: dict[tuple[str, str], list[tuple[int, float]]], title: str):
     """A matplotlib figure: one panel per metric (test accuracy first), a line per run, in %."""
+    import matplotlib
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
     metrics = sorted({m for _, m in curves}, key=lambda m: (m != "test_acc", m))
     runs = sorted({r for r, _ in curves})
-    fig = Figure(figsize=(4.6 * len(metrics), 3.4 + 0.2 * ((len(runs) + 3) // 4)), layout="constrained")
+    ncol = max(1, min(len(runs), 3 * len(metrics)))  # legend columns that fit the figure's width
+    fig = Figure(figsize=(4.6 * len(metrics), 3.4 + 0.2 * -(-len(runs) // ncol)), layout="constrained")
+    # A colour per run: tab20 once the default cycle's 10 would repeat.
+    colors = ([f"C{i}" for i in range(10)] if len(runs) <= 10
+              else [matplotlib.colormaps["tab20"](i % 20) for i in range(len(runs))])
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
     for ax, metric in zip(axes, metrics):
         for i, run in enumerate(runs):
@@ -79,14 +84,14 @@ def draw(curves: dict[tuple[str, str], list[tuple[int, float]]], title: str):
             if not points:
                 continue
             epochs, values = zip(*points)
-            ax.plot(epochs, [100 * v for v in values], color=f"C{i % 10}", label=run,
+            ax.plot(epochs, [100 * v for v in values], color=colors[i], label=run,
                     marker="o" if len(points) <= 25 else None, markersize=3)  # fmt: skip
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(_metric_label(metric))
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)), fontsize=7)
+    fig.legend(handles, labels, loc="outside lower center", ncol=ncol, fontsize=7)
     fig.suptitle(title, fontsize=10)
     return fig
 
