@@ -266,16 +266,17 @@ def bench_stop(cfg: Config, deel, notes: list[str]) -> list[Row]:
         return []
     batch = 8 if cfg.tiny else 128
     sizes = [24, 32, 32, 32, 10] if cfg.tiny else [784, 1024, 1024, 1024, 10]
-    cases = {f"MLP {'-'.join(map(str, sizes))} Björck(20) MaxMin (A6, FC-3)": lambda: models.mlp(
-        sizes, "maxmin", "bjorck", n_iters=20)}
+    # name -> (network builder, input shape of one example)
+    cases = {f"MLP {'-'.join(map(str, sizes))} Björck(20) MaxMin (A6, FC-3)": (
+        lambda: models.mlp(sizes, "maxmin", "bjorck", n_iters=20), (sizes[0],))}
     cases["BCOP Small" if cfg.tiny else "BCOP Large (Li et al.)"] = (
-        networks.bcop_small if cfg.tiny else networks.bcop_large)
+        networks.bcop_small if cfg.tiny else networks.bcop_large, (1, 28, 28))
     rows = []
-    for name, make in cases.items():
+    for name, (make, shape) in cases.items():
         torch.manual_seed(0)
         nets = {"lipsort": make(), "every step": make()}
         nets["every step"].load_state_dict(nets["lipsort"].state_dict())
-        x = torch.rand(batch, *((sizes[0],) if name.startswith("MLP") else (1, 28, 28)))
+        x = torch.rand(batch, *shape)
         y = torch.randint(0, 10, (batch,))
         impls = _train_step_impls(nets, x, y, warmup=2 if cfg.tiny else 5)
         impls = [(n, f if n == "lipsort" else _every_step(f), b, note) for n, f, b, note in impls]
