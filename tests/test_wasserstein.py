@@ -281,3 +281,25 @@ def test_a_critic_grid_resumes_from_its_checkpoints_and_a_longer_run_continues_a
     for problem in clouds:  # other samples under the same name: another file, never a resume
         xw.run_grid(problem, [8], steps=3, checkpoint_dir=tmp_path, name="clouds", **kw)
     assert len(list(tmp_path.glob("clouds-maxmin-bjorck-*.pt"))) == 2
+
+
+def test_a_critic_grid_trained_by_worker_processes_equals_the_grid_trained_in_process(tmp_path):
+    from lipsort.experiments import wasserstein_estimates as xw
+    from lipsort.wasserstein import three_cones
+
+    kw = dict(activations=["relu", "maxmin"], constraints=["bjorck", "spectral"], n_eval=64, n_grad=64, batch_size=8,
+              lr=0.01, eval_every=3, steps=9, progress=False, seed=1)
+    for iters in (5, None):  # the authors' fixed count, and the certified polar factor with its warm estimates
+        alone = xw.run_grid(three_cones(), [8, 8], bjorck_iters=iters, **kw)
+        spread = xw.run_grid(three_cones(), [8, 8], bjorck_iters=iters, checkpoint_dir=tmp_path / str(iters),
+                             workers=2, **kw)
+        assert len(list((tmp_path / str(iters)).glob("critic-*.pt"))) == 4  # trained by the workers
+        for a, b in zip(alone, spread, strict=True):
+            assert (a.label, a.constraint) == (b.label, b.constraint)
+            assert a.history.train == b.history.train and a.history.eval == b.history.eval
+            assert a.estimate == b.estimate and a.lipschitz_l2 == b.lipschitz_l2
+            assert torch.equal(a.grad_norms, b.grad_norms)
+    with pytest.raises(ValueError, match="checkpoint_dir"):
+        xw.run_grid(three_cones(), [8], workers=2, **kw)
+    with pytest.raises(ValueError, match="workers"):
+        xw.run_grid(three_cones(), [8], workers=0, checkpoint_dir=tmp_path, **kw)

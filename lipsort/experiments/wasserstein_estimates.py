@@ -12,6 +12,9 @@ r"""Book glue for chapter 04 (Wasserstein distances with Lipschitz critics, Anil
 
 from __future__ import annotations
 
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+
 import torch
 
 from ..wasserstein import CriticResult, EmpiricalProblem, dual_estimate, fit_critic
@@ -49,6 +52,7 @@ def run_grid(
     threads: int | None = 1,
     checkpoint_dir: str | None = None,
     name: str = "critic",
+    workers: int = 1,
     **fit_kwargs,
 ) -> list[CriticResult]:
     r"""One critic ``problem.dim → widths → 1`` per (constraint, activation), all from the same seed.
@@ -65,8 +69,22 @@ def run_grid(
     problem, by its type and public attributes such as its samples, the widths and every setting
     but the step count, so a longer run continues a shorter one): an interrupted grid resumes
     where it stopped, and a changed problem never resumes another's critic.
+
+    With ``workers > 1`` (and a ``checkpoint_dir``) that many critics train at once, each in its
+    own process with ``threads`` threads (one by default: two processes use two cores where one
+    process gains little from a second thread on these small matrices); the critics then come
+    back through their checkpoints, measured here as a finished run is, so the results equal
+    those of ``workers=1`` bit for bit (the processes start with :func:`lipsort.setup`'s
+    settings).
     """
+    from .._checks import check_int
     from ..training.checkpoint import run_path, state_digest
+
+    workers = check_int(workers, "workers")
+    if workers > 1 and not checkpoint_dir:
+        raise ValueError("workers > 1 needs a checkpoint_dir: the worker processes hand their critics back through it")
+    if workers > 1 and fit_kwargs.get("trace_weights"):
+        raise ValueError("trace_weights records every step in the training process: use workers=1")
 
     problem_key = [type(problem).__name__, state_digest({k: v for k, v in vars(problem).items() if not k.startswith("_")})]
 
@@ -74,20 +92,14 @@ def run_grid(
     settings = {k: v for k, v in fit_kwargs.items() if k not in ignored}
     evaluate, grad_points = None, None
     if hasattr(problem, "sample_pairs"):
-        x_p, x_q = problem.sample_pairs(n_eval, torch.Generator().manual_seed(seed + 101))
-
-        def evaluate(f):
-            with torch.no_grad():
-                p = next(f.parameters())
-                return float(dual_estimate(f, x_p.to(p), x_q.to(p)))
-
+        evaluate = _PairedEstimate(*problem.sample_pairs(n_eval, torch.Generator().manual_seed(seed + 101)))
         g_p, g_q = problem.sample_pairs(n_grad, torch.Generator().manual_seed(seed + 102))
         t = torch.rand(n_grad, 1, generator=torch.Generator().manual_seed(seed + 103))
         grad_points = g_q + t * (g_p - g_q)
-    return [
-        fit_critic(
-            problem, widths, activation, constraint, group_size=group_size, evaluate=evaluate,
-            grad_points=grad_points, seed=seed, threads=threads,
+    jobs = [
+        dict(
+            problem=problem, widths=widths, activation=activation, constraint=constraint, group_size=group_size,
+            evaluate=evaluate, grad_points=grad_points, seed=seed, threads=threads,
             label=_label(activation, group_size if activation == "groupsort" else None),
             checkpoint=run_path(checkpoint_dir, f"{name}-{activation}-{constraint}", problem=problem_key, widths=list(widths),
                                 group_size=group_size, seed=seed, n_eval=n_eval, **settings),
@@ -96,6 +108,37 @@ def run_grid(
         for constraint in constraints
         for activation in activations
     ]
+    if workers > 1 and len(jobs) > 1:
+        # spawn, not fork: a fork of a process whose OpenMP threads have started can hang.
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_worker_setup) as pool:
+            for done in [pool.submit(_train, job) for job in jobs]:
+                done.result()  # a worker's error is raised here
+    return [fit_critic(**job) for job in jobs]
+
+
+class _PairedEstimate:
+    """``critic -> float``: the paired estimate on the fixed pairs ``(x_p, x_q)`` (a class,
+    not a closure, so that worker processes can receive it)."""
+
+    def __init__(self, x_p: torch.Tensor, x_q: torch.Tensor):
+        self.x_p, self.x_q = x_p, x_q
+
+    def __call__(self, f) -> float:
+        with torch.no_grad():
+            p = next(f.parameters())
+            return float(dual_estimate(f, self.x_p.to(p), self.x_q.to(p)))
+
+
+def _worker_setup() -> None:
+    from ..runtime import seed_everything
+
+    seed_everything(0, threads=None)  # deterministic kernels and flushed subnormals, as lipsort.setup
+
+
+def _train(job: dict) -> None:
+    """Train one critic of :func:`run_grid` into its checkpoint (in a worker process)."""
+    fit_critic(**job)
 
 
 def estimates_table(runs: list[CriticResult], w1: float, heldout: tuple | None = None, paired: bool = True, decimals: int = 3):
