@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
 from lipsort.certify import lipschitz_upper_bound
+from lipsort.runtime import num_threads
 from lipsort.training import checkpoint as ckpt
 from lipsort.wasserstein import gan
 
@@ -90,10 +93,14 @@ def test_interrupted_wgan_resumes_to_the_same_weights(tmp_path):
     g1, f1 = fresh()
     gan.train_wgan(g1, f1, data, steps=3, batch_size=16, n_critic=2, progress=False, checkpoint=path, checkpoint_every=2)
     g2, f2 = fresh()  # a new process would start from fresh networks: the checkpoint restores everything
-    resumed = gan.train_wgan(g2, f2, data, steps=6, batch_size=16, n_critic=2, progress=False, checkpoint=path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same thread count: no warning
+        resumed = gan.train_wgan(g2, f2, data, steps=6, batch_size=16, n_critic=2, progress=False, checkpoint=path)
     assert resumed.critic_estimate == straight.critic_estimate
     for a, b in zip([*g.state_dict().values(), *f.state_dict().values()], [*g2.state_dict().values(), *f2.state_dict().values()]):
         assert torch.equal(a, b)
+    with num_threads(torch.get_num_threads() + 1), pytest.warns(UserWarning, match="torch threads instead of"):
+        gan.train_wgan(*fresh(), data, steps=6, batch_size=16, n_critic=2, progress=False, checkpoint=path)
     with pytest.raises(ckpt.CheckpointError, match="another WGAN run"):
         gan.train_wgan(*fresh(), data, steps=7, batch_size=8, n_critic=2, progress=False, checkpoint=path)
     path.write_bytes(path.read_bytes()[:50])

@@ -275,7 +275,8 @@ def gaussian_clouds(n: int, dim: int = 2, seed: int = 0):
 def train_gan(images, z_dim: int, gen_widths, conv_channels, critic_widths, group_size: int, bjorck_iters: int,
               steps: int, batch_size: int, n_critic: int, lr_g: float, lr_d: float, seed: int = 0, threads: int | None = 1,
               checkpoint_dir: str | None = None):
-    """Build and train the LWGAN (:mod:`lipsort.wasserstein.gan`) on ``images`` in [-1, 1].
+    """Build and train the LWGAN (:mod:`lipsort.wasserstein.gan`) on ``images`` in [-1, 1], with
+    ``threads`` torch threads (``None``: the caller's count).
 
     With ``checkpoint_dir``, training writes ``<checkpoint_dir>/lwgan-<hash of the settings>.pt``
     and a rerun resumes it (a longer run continues a shorter one of the same settings)."""

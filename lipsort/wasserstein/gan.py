@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -178,8 +179,10 @@ def train_wgan(
         checkpoint: a file (:mod:`lipsort.training.checkpoint` format) written atomically every
             ``checkpoint_every`` generator steps and at the end. If it exists, training resumes
             from it — networks, optimizers, history, data order and noise generator — and ends
-            with the same weights as an uninterrupted run; a checkpoint of a run with other
-            settings, or an unreadable file, raises an error naming the file.
+            with the same weights as an uninterrupted run at the same torch thread count (a
+            resume with another count, or from a checkpoint that did not record it, warns: the
+            run goes on, but not bit for bit); a checkpoint of a run with other settings, or an
+            unreadable file, raises an error naming the file.
         checkpoint_every: generator steps between checkpoints.
 
     Returns:
@@ -216,13 +219,24 @@ def train_wgan(
         order, cursor = state["rng"]["order"], int(state["rng"]["cursor"])
         history = GanHistory(**{k: list(v) for k, v in state["history"].items()})
         start = int(state["epoch"])
+        saved = state.get("threads")
+        if saved != torch.get_num_threads():
+            # The thread count is not a setting of the run (it does not name the file), but the
+            # bits of every reduction depend on it.
+            warnings.warn(
+                f"resuming {checkpoint} with {torch.get_num_threads()} torch threads instead of "
+                f"{saved if saved is not None else 'an unrecorded count'}: the run continues, but "
+                "is no longer bit-for-bit the uninterrupted one",
+                stacklevel=2,
+            )
 
     def save(step: int) -> None:
         ckpt.save_atomic(ckpt.new_checkpoint(
             epoch=step, config=config, history={"critic_estimate": history.critic_estimate, "generator_loss": history.generator_loss},
             model={"generator": generator.state_dict(), "critic": critic.state_dict()},
             optimizer={"generator": opt_g.state_dict(), "critic": opt_d.state_dict()},
-            rng={"data": gen.get_state(), "order": order, "cursor": cursor}), checkpoint)
+            rng={"data": gen.get_state(), "order": order, "cursor": cursor},
+            threads=torch.get_num_threads()), checkpoint)
 
     def real_batch() -> Tensor:
         nonlocal order, cursor
