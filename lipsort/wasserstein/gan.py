@@ -180,8 +180,8 @@ def train_wgan(
             ``checkpoint_every`` generator steps and at the end. If it exists, training resumes
             from it — networks, optimizers, history, data order and noise generator — and ends
             with the same weights as an uninterrupted run at the same torch thread count (a
-            resume with another count, or from a checkpoint that did not record it, warns: the
-            run goes on, but not bit for bit); a checkpoint of a run with other settings, or an
+            resume that trains on with another count, or from a checkpoint that did not record
+            it, warns: the run goes on, but not bit for bit); a checkpoint of a run with other settings, or an
             unreadable file, raises an error naming the file.
         checkpoint_every: generator steps between checkpoints.
 
@@ -220,7 +220,7 @@ def train_wgan(
         history = GanHistory(**{k: list(v) for k, v in state["history"].items()})
         start = int(state["epoch"])
         saved = state.get("threads")
-        if saved != torch.get_num_threads():
+        if saved != torch.get_num_threads() and start < steps:
             # The thread count is not a setting of the run (it does not name the file), but the
             # bits of every reduction depend on it.
             warnings.warn(
