@@ -31,6 +31,7 @@ import json
 import os
 import random
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +101,30 @@ def load_run(path: str | os.PathLike | None, config: dict, what: str, steps: int
     if steps is not None and state["epoch"] > steps:
         raise CheckpointError(f"{path} holds {state['epoch']} steps, more than the {steps} asked for")
     return state
+
+
+def warn_if_changed(path, what: str, saved, now, stacklevel: int = 3) -> None:
+    """Warn that resuming ``path`` with ``now`` ``what`` (e.g. torch threads) instead of the
+    ``saved`` count goes on, but no longer bit for bit as the uninterrupted run: such counts do not
+    name a run, yet the bits of every reduction depend on them. ``saved`` is ``None`` for a
+    checkpoint that did not record it.
+
+    Example:
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as w:
+        ...     warnings.simplefilter("always")
+        ...     warn_if_changed("run.pt", "torch threads", 1, 1)
+        ...     warn_if_changed("run.pt", "torch threads", None, 2)
+        >>> [str(x.message)[:60] for x in w]
+        ['resuming run.pt with 2 torch threads instead of an unrecorde']
+    """
+    if saved != now:
+        warnings.warn(
+            f"resuming {path} with {now} {what} instead of "
+            f"{saved if saved is not None else 'an unrecorded count'}: the run continues, but is no "
+            "longer bit-for-bit the uninterrupted one",
+            stacklevel=stacklevel,
+        )
 
 
 def state_digest(state: dict) -> str:

@@ -44,7 +44,6 @@ from __future__ import annotations
 import math
 import os
 import time
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,12 +217,8 @@ def _check_config(path: Path, saved: dict, config: dict, resuming: bool) -> None
                 f"this run's is {config[key]!r}. Use another path, or delete the file."
             )
     for key, what in (("threads", "torch threads"), ("world_size", "processes")):
-        if resuming and saved.get(key) != config[key]:
-            warnings.warn(
-                f"resuming {path} with {config[key]} {what} instead of {saved.get(key)}: the "
-                "run continues, but is no longer bit-for-bit the uninterrupted one",
-                stacklevel=3,
-            )
+        if resuming:
+            ckpt.warn_if_changed(path, what, saved.get(key), config[key], stacklevel=4)
 
 
 def fit(

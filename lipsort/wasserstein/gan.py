@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -181,8 +180,8 @@ def train_wgan(
             from it — networks, optimizers, history, data order and noise generator — and ends
             with the same weights as an uninterrupted run at the same torch thread count (a
             resume that trains on with another count, or from a checkpoint that did not record
-            it, warns: the run goes on, but not bit for bit); a checkpoint of a run with other settings, or an
-            unreadable file, raises an error naming the file.
+            it, warns: the run goes on, but not bit for bit); a checkpoint of a run with other
+            settings, or an unreadable file, raises an error naming the file.
         checkpoint_every: generator steps between checkpoints.
 
     Returns:
@@ -219,16 +218,8 @@ def train_wgan(
         order, cursor = state["rng"]["order"], int(state["rng"]["cursor"])
         history = GanHistory(**{k: list(v) for k, v in state["history"].items()})
         start = int(state["epoch"])
-        saved = state.get("threads")
-        if saved != torch.get_num_threads() and start < steps:
-            # The thread count is not a setting of the run (it does not name the file), but the
-            # bits of every reduction depend on it.
-            warnings.warn(
-                f"resuming {checkpoint} with {torch.get_num_threads()} torch threads instead of "
-                f"{saved if saved is not None else 'an unrecorded count'}: the run continues, but "
-                "is no longer bit-for-bit the uninterrupted one",
-                stacklevel=2,
-            )
+        if start < steps:  # a finished run that is only loaded computes nothing more
+            ckpt.warn_if_changed(checkpoint, "torch threads", state.get("threads"), torch.get_num_threads())
 
     def save(step: int) -> None:
         ckpt.save_atomic(ckpt.new_checkpoint(
