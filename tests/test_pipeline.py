@@ -134,6 +134,18 @@ def test_golden_code_matches_source(slug):
     )
 
 
+@needs_chapters
+@pytest.mark.parametrize("slug", SLUGS)
+def test_papermill_reads_every_parameter(slug):
+    # `papermill --help-notebook` lists what its own line parser reads, which a quote inside a
+    # comment can derail: it must name every parameter the chapter assigns.
+    from papermill.translators import PythonTranslator
+
+    nb = ch.read_notebook(NOTEBOOKS / f"{slug}.md")
+    seen = [p.name for p in PythonTranslator.inspect(ch.parameters_cell(nb, slug))]
+    assert seen == list(ch.parameters(nb, slug)), f"papermill misreads the parameters cell of {slug}"
+
+
 def test_toc_lists_every_chapter():
     toc = REPO / "book" / "_toc.yml"
     assert toc.read_text() == pages.render_toc(SLUGS, pages.extra_pages(REPO)), (
