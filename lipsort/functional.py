@@ -521,9 +521,10 @@ def project_rows_l1(w: torch.Tensor, radius: float = 1.0) -> torch.Tensor:
     :math:`\sum_j (|w_j| - \theta)_+ = r`, found by Michelot's algorithm vectorized over rows
     (:func:`lipsort._l1ball.threshold`). The gradient is that of
     :math:`\theta = (\sum_{j \in S} |w_j| - r)/|S|` on the support ``S``, the same as through
-    the sorting algorithm's formula. Rows already inside the ball are returned unchanged, and
-    the result is idempotent: its row sums, computed in its dtype and in float64, never exceed
-    ``radius``, even after rounding.
+    the sorting algorithm's formula, in closed form in eager autograd
+    (:class:`lipsort._l1ball.BallProjection`). Rows already inside the ball are returned
+    unchanged, and the result is idempotent: its row sums, computed in its dtype and in
+    float64, never exceed ``radius``, even after rounding.
 
     Example:
         >>> project_rows_l1(torch.tensor([[3., -1., 0.5], [0.25, 0.5, 0.]]))
@@ -531,28 +532,9 @@ def project_rows_l1(w: torch.Tensor, radius: float = 1.0) -> torch.Tensor:
                 [0.2500, 0.5000, 0.0000]])
     """
     _check_l1_args(w, radius)
-    a = w.abs()
-    inside = _l1ball.row_sums_within(a, radius)
-    if bool(inside.all()):
-        return w.clone()  # a new tensor, as when a row moves: callers may cache or detach it
-    with torch.no_grad():
-        theta = _l1ball.threshold(a.detach(), radius)
-    if torch.is_grad_enabled() and a.requires_grad:
-        support = a.detach() > theta
-        theta = (torch.where(support, a, 0).sum(-1, keepdim=True) - radius) / support.sum(-1, keepdim=True).clamp_min(1)
-    theta = theta.clamp_min(0)
-    v = w - torch.clamp(w, -theta, theta)  # = sign(w)(|w| − θ)_+
-    # Rounding can leave a computed row sum a few ulps above the radius: shrink those rows
-    # by a vanishing factor until the sum, computed exactly as above, is inside.
-    eps = torch.finfo(w.dtype).eps
-    for step in range(8):
-        va = v.abs()
-        over = ~_l1ball.row_sums_within(va, radius) & ~inside
-        if not bool(over.any()):
-            break
-        v = torch.where(over, v * (radius / va.sum(-1, keepdim=True)) * (1 - eps * 2**step), v)
-    # Rows inside are w itself, with the identity as their gradient (zeros included).
-    return torch.where(inside, w, v) if bool(inside.any()) else v
+    if w.requires_grad and torch.is_grad_enabled() and _eager_autograd():
+        return _l1ball.BallProjection.apply(w, radius)
+    return _l1ball.project(w, radius, torch.is_grad_enabled() and w.requires_grad)[0]
 
 
 def project_rows_l1_sphere(w: torch.Tensor, radius: float = 1.0) -> torch.Tensor:

@@ -411,6 +411,45 @@ def test_project_rows_l1_float32_row_sums_are_inside_in_float64_too():
         assert (m.abs().to(torch.float64).sum(-1) > 1.0 - 1e-4).all()  # projected onto the sphere
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, DT])
+def test_project_rows_l1_closed_form_backward_matches_autograd_through_the_operations(dtype):
+    # Rows inside, outside and at the radius, with zeros: the eager path's closed-form
+    # Jacobian (BallProjection) against autograd through the same operations, and the same
+    # forward values bit for bit.
+    from lipsort import _l1ball
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(64, 50, generator=g, dtype=DT) * torch.logspace(-2.5, 0.5, 64, dtype=DT)[:, None]
+    w[::7, ::3] = 0
+    w[5] = w[5] / w[5].abs().sum()  # on the sphere
+    w = w.to(dtype)
+    cot = torch.randn(64, 50, generator=g, dtype=dtype)
+    fast = w.clone().requires_grad_(True)
+    out = F.project_rows_l1(fast, 1.0)
+    out.backward(cot)
+    ref = w.clone().requires_grad_(True)
+    out_ref = _l1ball.project(ref, 1.0, exact_theta=True)[0]
+    out_ref.backward(cot)
+    assert out.grad_fn.name().startswith("BallProjection")
+    assert torch.equal(out.detach(), out_ref.detach())
+    tol = 1e-12 if dtype == DT else 1e-5
+    # Row 5 lies at the radius: in float32 its sum rounds below it while the float64 check
+    # finds it above, so the operations clamp θ to 0 and differentiate the rounding guard's
+    # rescale instead. The closed form keeps the projection's Jacobian there: it moves the row
+    # along the sphere's face, orthogonally to its signs.
+    rows = torch.arange(64) != 5
+    assert torch.allclose(fast.grad[rows], ref.grad[rows], rtol=0, atol=tol * float(cot.abs().max()))
+    assert abs(float(torch.sign(w[5]) @ fast.grad[5])) <= tol * float(cot[5].norm())
+    assert torch.equal(fast.grad[3], cot[3])  # a row inside passes its gradient through
+    x = (w[:12, :9].to(DT) * 3).requires_grad_(True)
+    assert torch.autograd.gradgradcheck(lambda t: F.project_rows_l1(t), (x,))
+    # Under torch.func the operations run, with the same Jacobian.
+    jac = torch.func.jacrev(lambda t: F.project_rows_l1(t, 1.0))(w[:4].to(DT))
+    row = w[:4].to(DT).clone().requires_grad_(True)
+    F.project_rows_l1(row, 1.0).backward(torch.eye(4 * 50, dtype=DT)[7].view(4, 50))
+    assert torch.allclose(jac.reshape(200, 4, 50)[7], row.grad, atol=1e-12, rtol=0)
+
+
 def test_project_rows_l1_gradient_is_the_identity_on_rows_inside_the_ball():
     # Zeros included: a free weight at 0 in a row inside the ball must still get its gradient.
     w = torch.tensor([[0.2, 0.0, -0.3], [2.0, 0.0, -1.0]], dtype=DT, requires_grad=True)
