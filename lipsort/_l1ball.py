@@ -3,7 +3,24 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+
+CLOSED_FORM = True  # BallProjection in eager autograd; through_operations() turns it off
+
+
+@contextlib.contextmanager
+def through_operations():
+    """Differentiate :func:`lipsort.functional.project_rows_l1` by autograd through its
+    operations inside the block, instead of its closed-form Jacobian (``python -m lipsort.bench
+    linf`` times both)."""
+    global CLOSED_FORM
+    closed, CLOSED_FORM = CLOSED_FORM, False
+    try:
+        yield
+    finally:
+        CLOSED_FORM = closed
 
 
 def threshold(a: torch.Tensor, radius: float) -> torch.Tensor:
@@ -45,7 +62,8 @@ def row_sums_within(a: torch.Tensor, radius: float) -> torch.Tensor:
 
 def project(w: torch.Tensor, radius: float, exact_theta: bool):
     """``(v, inside, support)``: the values of :func:`lipsort.functional.project_rows_l1`, the
-    rows inside the ball, and the support ``|w| > θ`` (``None`` when every row is inside).
+    rows inside the ball, and the support ``|w| > θ`` (``None`` when every row is inside, or
+    without ``exact_theta``).
 
     With ``exact_theta`` θ is recomputed from the support as :math:`(\sum_S |w_j| - r)/|S|`
     (differentiable where ``w`` requires a gradient), else Michelot's θ is used as found.
@@ -56,8 +74,9 @@ def project(w: torch.Tensor, radius: float, exact_theta: bool):
         return w.clone(), inside, None  # a new tensor, as when a row moves: callers may cache it
     with torch.no_grad():
         theta = threshold(a.detach(), radius)
-    support = a.detach() > theta
+    support = None
     if exact_theta:
+        support = a.detach() > theta
         # A product with the mask, not torch.where: the same values (a ≥ 0), without where's
         # branch per entry, which mispredicts on a mask in no order (5 ms on 1024 × 1024).
         theta = ((a * support).sum(-1, keepdim=True) - radius) / support.sum(-1, keepdim=True).clamp_min(1)
@@ -93,7 +112,7 @@ class BallProjection(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w, radius):
         v, inside, support = project(w, radius, exact_theta=True)
-        ctx.all_inside = support is None
+        ctx.all_inside = support is None  # then every row is inside
         if not ctx.all_inside:
             mask = support.to(w.dtype)
             count = mask.sum(-1, keepdim=True).clamp_min(1)

@@ -532,7 +532,7 @@ def project_rows_l1(w: torch.Tensor, radius: float = 1.0) -> torch.Tensor:
                 [0.2500, 0.5000, 0.0000]])
     """
     _check_l1_args(w, radius)
-    if w.requires_grad and torch.is_grad_enabled() and _eager_autograd():
+    if _l1ball.CLOSED_FORM and w.requires_grad and torch.is_grad_enabled() and _eager_autograd():
         return _l1ball.BallProjection.apply(w, radius)
     return _l1ball.project(w, radius, torch.is_grad_enabled() and w.requires_grad)[0]
 

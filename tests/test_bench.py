@@ -150,6 +150,18 @@ def test_stop_case_times_the_early_stop_against_every_step():
     assert "BCOP Small" in table and "every step" in table
 
 
+def test_linf_case_times_both_methods_and_each_keeps_its_bound():
+    res = bench.run(["linf"], repeat=1, threads=1, min_time=0.001, tiny=True, progress=False)
+    rows = {r["impl"]: r for r in res["rows"] if r["bench"] == "linf"}
+    assert set(rows) == {"lipsort", "autograd through the projection", "projected gradient", "unconstrained"}
+    for name in ("lipsort", "autograd through the projection", "projected gradient"):
+        assert rows[name]["value"] <= 1.0 and rows[name]["time_ms"] > 0  # ‖W‖∞ ≤ 1 after the steps
+    assert rows["unconstrained"]["value"] > 1.0
+    from lipsort.bench.report import page_table
+
+    assert "projected gradient" in page_table(res, "linf")
+
+
 def test_peak_memory_sees_a_temporary():
     from lipsort.bench._measure import peak_bytes
 

@@ -52,7 +52,7 @@ import torch
 
 from ._measure import Config, Row
 from .convolutions import bench_bcop
-from .nets import bench_groupsort, bench_mlp, bench_stop, bench_subnormal
+from .nets import bench_groupsort, bench_linf, bench_mlp, bench_stop, bench_subnormal
 from .peers import deel_torchlip, naive_group_sort, reference_bjorck
 from .weights import bench_bjorck, bench_cache, bench_layer, bench_widths
 
@@ -74,6 +74,7 @@ _RUNNERS: dict[str, Callable] = {
     "groupsort": bench_groupsort,
     "cache": bench_cache,
     "mlp": bench_mlp,
+    "linf": bench_linf,
     "bcop": bench_bcop,
     "subnormal": bench_subnormal,
     "stop": bench_stop,

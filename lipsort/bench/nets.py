@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from dataclasses import replace
 
 import torch
 from torch import nn
 
-from .. import _bjorck, _native
+from .. import _bjorck, _l1ball, _native
 from .. import functional as F
 from .. import models
 from ._measure import Config, Row, measure_case
@@ -93,18 +94,25 @@ class _DeelGroupSort(nn.Module):
         return self.fn(x, self.group_size)
 
 
-def _train_step_impls(nets: dict, x, y, warmup: int, make_opt=None):
+def _train_step_impls(nets: dict, x, y, warmup: int, make_opt=None, after_step=None, contexts=None):
+    """A training step of each net (Adam at 1e-3 unless ``make_opt``), after ``warmup`` steps;
+    ``after_step[name](net)`` runs after the update and ``contexts[name]()`` holds the step."""
     impls = []
     for name, net in nets.items():
         opt = make_opt(net) if make_opt else torch.optim.Adam(net.parameters(), lr=1e-3)
+        after = (after_step or {}).get(name)
+        context = (contexts or {}).get(name, contextlib.nullcontext)
 
-        def step(net=net, opt=opt):
-            opt.zero_grad(set_to_none=True)
-            loss = nn.functional.cross_entropy(net(x), y) if y.dtype == torch.long else (
-                net(x).mean() - y.mean()
-            )
-            loss.backward()
-            opt.step()
+        def step(net=net, opt=opt, after=after, context=context):
+            with context():
+                opt.zero_grad(set_to_none=True)
+                loss = nn.functional.cross_entropy(net(x), y) if y.dtype == torch.long else (
+                    net(x).mean() - y.mean()
+                )
+                loss.backward()
+                opt.step()
+                if after is not None:
+                    after(net)
             return loss
 
         for _ in range(warmup):
@@ -138,6 +146,43 @@ def bench_mlp(cfg: Config, deel, notes: list[str]) -> list[Row]:
     rows = measure_case("mlp", case, impls, cfg, "max ‖W‖₂", check)
     rows += _critic_rows(cfg, notes)
     return rows
+
+
+def bench_linf(cfg: Config, deel, notes: list[str]) -> list[Row]:
+    """Training step (Adam, batch 128) of the paper's MNIST MLP with ‖W‖∞ ≤ 1 layers, MaxMin:
+    the projection in the forward pass (``linf_projected``, A6) differentiated in closed form or
+    by autograd through its operations, and the authors' A8 method, plain layers projected
+    after every update (``project_linf_``)."""
+    from ..optim import project_linf_
+
+    sizes = [24, 32, 32, 32, 10] if cfg.tiny else [784, 1024, 1024, 1024, 10]
+    batch = 8 if cfg.tiny else 128
+    nets = {}
+    for name, constraint in (("lipsort", "linf"), ("autograd through the projection", "linf"),
+                             ("projected gradient", None), ("unconstrained", None)):
+        torch.manual_seed(0)
+        nets[name] = models.mlp(sizes, "maxmin", constraint).to(cfg.device)
+    project_linf_(nets["projected gradient"])
+    x = torch.rand(batch, sizes[0], device=cfg.device)
+    y = torch.randint(0, sizes[-1], (batch,), device=cfg.device)
+    impls = _train_step_impls(
+        nets, x, y, warmup=2 if cfg.tiny else 5,
+        after_step={"projected gradient": project_linf_},
+        contexts={"autograd through the projection": _l1ball.through_operations},
+    )
+    notes_by_name = {
+        "lipsort": "linf_projected: the projection in every forward pass, its Jacobian in closed form",
+        "autograd through the projection": "the same, differentiated by autograd through the projection's operations",
+        "projected gradient": "plain layers, project_linf_ after every update (the authors' A8 method)",
+        "unconstrained": "plain layers",
+    }
+    impls = [(name, fwd, bwd, notes_by_name[name]) for name, fwd, bwd, _ in impls]
+
+    def check(name, loss):
+        return max(float(F.operator_norm(m.weight.detach(), "inf")) for m in nets[name] if isinstance(m, nn.Linear))
+
+    case = f"MLP {'-'.join(map(str, sizes))} MaxMin, ‖W‖∞ ≤ 1, batch {batch}, train step"
+    return measure_case("linf", case, impls, cfg, "max ‖W‖∞", check)
 
 
 def _critic_rows(cfg: Config, notes: list[str]) -> list[Row]:

@@ -220,6 +220,20 @@ def _stop(result: dict) -> list[str]:
     return lines
 
 
+def _linf(result: dict) -> list[str]:
+    impls = ("lipsort", "autograd through the projection", "projected gradient", "unconstrained")
+    lines = ["| case | closed form (lipsort) | autograd through the projection | projected gradient (A8) "
+             "| unconstrained | max ‖W‖∞ (same order) | peak MiB (same order) |",
+             "|---|---|---|---|---|---|---|"]
+    for case, rows in _grouped(_rows(result, "linf")).items():
+        r = [_pick(rows, impl) for impl in impls]
+        lines.append(f"| {case.split(', batch')[0]} | {r[0]['time_ms']:.1f} ms | {_vs(r[1], unit=' ms')} "
+                     f"| {_vs(r[2], unit=' ms')} | {_vs(r[3], unit=' ms')} "
+                     f"| {' / '.join(_fmt(x['value'], '.3g') for x in r)} "
+                     f"| {' / '.join(_fmt(x['peak_mib'], '.0f') for x in r)} |")  # fmt: skip
+    return lines
+
+
 def _polar(result: dict) -> list[str]:
     """What the polar factor did in each case (the notes of ``weights.polar_note``)."""
     return [f"- {n}" for n in result.get("notes", []) if n.startswith("lipsort")]
@@ -228,7 +242,7 @@ def _polar(result: dict) -> list[str]:
 #: The tables of the performance page, by the name its markers use.
 PAGE_TABLES = {"layer": _layer, "widths": _widths, "bjorck": _bjorck, "activations": _activations,
                "cache": _cache, "networks": _networks, "bcop": _bcop, "bcop_kernel": _bcop_kernel,
-               "polar": _polar, "subnormal": _subnormal, "stop": _stop}  # fmt: skip
+               "polar": _polar, "subnormal": _subnormal, "stop": _stop, "linf": _linf}  # fmt: skip
 
 
 def page_table(result: dict, name: str) -> str:
