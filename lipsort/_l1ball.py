@@ -83,14 +83,21 @@ def project(w: torch.Tensor, radius: float, exact_theta: bool):
     theta = theta.clamp_min(0)
     v = w - torch.clamp(w, -theta, theta)  # = sign(w)(|w| − θ)_+
     # Rounding can leave a computed row sum a few ulps above the radius: shrink those rows
-    # by a vanishing factor until the sum, computed exactly as above, is inside.
+    # by a vanishing factor until the sum, computed exactly as above, is inside. After the
+    # first check only the rows still over are read again (a third of a trained 1024 × 1024
+    # weight's rows at the first check, a few percent at the second); a row's sum is the same
+    # computed alone or in the whole matrix (each row is reduced on its own, in one order).
     eps = torch.finfo(w.dtype).eps
+    va = v.abs()
+    rows = torch.nonzero((~row_sums_within(va, radius) & ~inside).flatten()).flatten()
     for step in range(8):
-        va = v.abs()
-        over = ~row_sums_within(va, radius) & ~inside
-        if not bool(over.any()):
+        if rows.numel() == 0:
             break
-        v = torch.where(over, v * (radius / va.sum(-1, keepdim=True)) * (1 - eps * 2**step), v)
+        sub, sub_abs = v[rows], va[rows]
+        sub = sub * (radius / sub_abs.sum(-1, keepdim=True)) * (1 - eps * 2**step)
+        v = v.index_put((rows,), sub)
+        va = va.index_put((rows,), sub.abs()) if step < 7 else va
+        rows = rows[~row_sums_within(va[rows], radius).flatten()]
     # Rows inside are w itself, with the identity as their gradient (zeros included).
     return (torch.where(inside, w, v) if bool(inside.any()) else v), inside, support
 
