@@ -137,3 +137,29 @@ class BallProjection(torch.autograd.Function):
         mask, signs, count = ctx.saved_tensors
         # Linear in grad with constant factors: double backward differentiates these ops.
         return grad * mask - signs * ((signs * grad).sum(-1, keepdim=True) / count), None
+
+
+class SphereThreshold(torch.autograd.Function):
+    r"""LNets' ``l_inf_projected`` layer: every row through Condat's threshold, differentiated
+    with the threshold and the signs held constant.
+
+    The values are :func:`lipsort.functional.project_rows_l1_sphere`'s (a row outside the ball
+    projected onto it, a row inside pushed out onto the sphere :math:`\|w\|_1 = r`); the
+    authors compute :math:`\operatorname{sign}(w)\max(|w| - \theta, 0)` with θ and the signs
+    under ``no_grad``, so the derivative is the mask of the entries that stay non-zero (all of a
+    row pushed out). Their layer keeps an entry that is exactly 0 at 0 (its sign is 0), where
+    the sphere projection lifts it with the others.
+    """
+
+    @staticmethod
+    def forward(ctx, w, radius):
+        from .functional import project_rows_l1_sphere
+
+        v = project_rows_l1_sphere(w, radius)
+        ctx.save_for_backward((v != 0).to(w.dtype))
+        return v
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from . import _l1ball
 from . import functional as F
 from ._eval_cache import EvalCachedConstraint, register as _register
 from ._checks import check_int, check_positive
@@ -313,15 +314,27 @@ def spectral_normalized(module: nn.Linear, n_power_iters: int = 1) -> nn.Linear:
 class LinfProjected(EvalCachedConstraint):
     r"""Parametrization :math:`w_i = \Pi_{\|\cdot\|_1 \le r}(v_i)` (see :func:`linf_projected`)."""
 
-    def __init__(self, radius: float = 1.0):
+    def __init__(self, radius: float = 1.0, onto: str = "ball"):
         super().__init__()
         self.radius = check_positive(radius, "radius")
+        if onto not in ("ball", "sphere"):
+            raise ValueError(f"onto must be 'ball' or 'sphere', got {onto!r}")
+        self.onto = onto
 
     def constrain(self, original: Tensor) -> Tensor:
-        return F.project_rows_l1(original, self.radius)
+        if self.onto == "ball":
+            return F.project_rows_l1(original, self.radius)
+        if not (original.requires_grad and torch.is_grad_enabled()):
+            return F.project_rows_l1_sphere(original, self.radius)
+        if not F._eager_autograd():
+            raise NotImplementedError(
+                "linf_projected(onto='sphere') is differentiable in eager autograd only, not under "
+                "torch.func transforms, forward-mode AD, tracing or compilation; use onto='ball'"
+            )
+        return _l1ball.SphereThreshold.apply(original, self.radius)
 
     def cache_config(self) -> tuple:
-        return (self.radius,)
+        return (self.radius, self.onto)
 
     def right_inverse(self, weight: Tensor) -> Tensor:
         # Rows outside the ball are rescaled onto its surface rather than projected: the
@@ -334,10 +347,11 @@ class LinfProjected(EvalCachedConstraint):
         return torch.where(l1 > self.radius, weight * (self.radius / l1), weight)
 
     def extra_repr(self) -> str:
-        return f"radius={self.radius}"
+        # The default's repr is what it was before ``onto`` existed: it names checkpoints.
+        return f"radius={self.radius}" + ("" if self.onto == "ball" else f", onto={self.onto}")
 
 
-def linf_projected(module: nn.Linear, radius: float = 1.0) -> nn.Linear:
+def linf_projected(module: nn.Linear, radius: float = 1.0, onto: str = "ball") -> nn.Linear:
     r"""Constrain each row of a Linear layer's weight to the ℓ1 ball: :math:`\|W\|_\infty \le r`.
 
     The effective weight is the row-wise Euclidean projection onto the ℓ1 ball
@@ -351,17 +365,25 @@ def linf_projected(module: nn.Linear, radius: float = 1.0) -> nn.Linear:
     ``module.weight = X``, rows of ``X`` outside the ball are *rescaled* onto its surface, which
     keeps all their entries non-zero (and trainable).
 
+    ``onto="sphere"`` is the authors' layer instead (LNets ``l_inf_projected``, A6 of Anil et
+    al.): every row through Condat's threshold, so a row inside the ball is pushed out onto the
+    sphere :math:`\|w_i\|_1 = r` too (:func:`lipsort.functional.project_rows_l1_sphere`), and
+    the gradient holds the threshold and the signs constant, as theirs does
+    (:class:`lipsort._l1ball.SphereThreshold`; eager autograd only).
+
     Args:
         module: a ``torch.nn.Linear``.
         radius: the bound ``r > 0`` on every row's ℓ1 norm.
+        onto: ``"ball"`` (the projection, differentiated exactly) or ``"sphere"`` (the
+            authors' layer).
 
     Returns:
         The same module, now parametrized.
 
     Raises:
         TypeError: if ``module`` is not a ``torch.nn.Linear``.
-        ValueError: a non-positive or non-finite ``radius``, or a weight that is already
-            constrained, uninitialized, or not finite.
+        ValueError: a non-positive or non-finite ``radius``, an ``onto`` other than the two,
+            or a weight that is already constrained, uninitialized, or not finite.
 
     Example:
         >>> _ = torch.manual_seed(0)
@@ -370,7 +392,7 @@ def linf_projected(module: nn.Linear, radius: float = 1.0) -> nn.Linear:
         True
     """
     _check_linear(module, "linf_projected")
-    parametrization = LinfProjected(radius).train(module.training)
+    parametrization = LinfProjected(radius, onto).train(module.training)
     return _register(module, parametrization)
 
 

@@ -390,6 +390,42 @@ def test_linf_after_training():
         assert float(functional.operator_norm(layer.train(mode).weight.detach(), "inf")) <= 0.5
 
 
+def test_linf_onto_sphere_is_the_authors_layer():
+    # LNets' l_inf_projected forward, written out: signs and Condat's threshold under no_grad.
+    def lnets(w, radius):
+        a = w.detach().abs()
+        s, _ = a.sort(dim=1, descending=True)
+        cs = s.cumsum(1)
+        k = torch.arange(1, a.shape[1] + 1, dtype=w.dtype)
+        rho = ((cs - radius) / k < s).to(w.dtype).mul(k).argmax(1, keepdim=True)  # last index kept
+        theta = (cs.gather(1, rho) - radius) / (rho + 1).to(w.dtype)
+        return torch.sign(w).detach() * torch.clamp(w.abs() - theta, min=0)
+
+    torch.manual_seed(11)
+    radius = 1.5
+    w0 = torch.randn(8, 40, dtype=F64)
+    w0[:3] *= 0.01  # inside the ball: pushed out onto the sphere
+    layer = linf_projected(linear_with(w0), radius=radius, onto="sphere")
+    assert "onto=sphere" in repr(layer) and "onto" not in repr(linf_projected(nn.Linear(3, 3)))
+    v = original(layer).detach().requires_grad_(True)
+    ref = lnets(v, radius)
+    torch.testing.assert_close(layer.weight, ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(layer.weight.abs().sum(-1), torch.full((8,), radius, dtype=F64))
+    cot = torch.randn(8, 40, dtype=F64)
+    (grad,) = torch.autograd.grad(layer.weight, original(layer), cot)
+    (grad_ref,) = torch.autograd.grad(ref, v, cot)
+    torch.testing.assert_close(grad, grad_ref, rtol=0, atol=1e-12)  # the threshold held constant
+    assert torch.equal(grad[:3], cot[:3])
+    train_steps(layer, 20, lr=5e-2)
+    for mode in (True, False):
+        assert float(functional.operator_norm(layer.train(mode).weight.detach(), "inf")) <= radius
+    with pytest.raises(NotImplementedError, match="eager autograd only"):
+        torch.func.grad(lambda t: torch.func.functional_call(
+            layer.train(), {"parametrizations.weight.original": t}, (torch.ones(2, 40, dtype=F64),)).sum())(v.detach())
+    with pytest.raises(ValueError, match="onto must be 'ball' or 'sphere'"):
+        linf_projected(nn.Linear(3, 3), onto="plane")
+
+
 # --------------------------------------------------------------------------- eval cache
 
 

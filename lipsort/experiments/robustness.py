@@ -193,9 +193,10 @@ def load_split(dataset: str = "mnist", n_train_per_class: int | None = None, n_t
 
 
 def build(activation: str, constraint: str | None, width: int, depth: int = 3, group_size: int = 4,
-          l_constant: float | None = None, bjorck_iters: int = 20) -> nn.Sequential:
-    """``Flatten → 784 → width ×depth → 10`` (:func:`lipsort.models.mlp`)."""
-    kwargs = {"n_iters": bjorck_iters} if constraint == "bjorck" else {}
+          l_constant: float | None = None, bjorck_iters: int = 20, linf_onto: str = "ball") -> nn.Sequential:
+    """``Flatten → 784 → width ×depth → 10`` (:func:`lipsort.models.mlp`); ``linf_onto`` is the
+    ``onto`` of the ℓ∞ layers (:func:`lipsort.parametrizations.linf_projected`)."""
+    kwargs = {"n_iters": bjorck_iters} if constraint == "bjorck" else {"onto": linf_onto} if constraint == "linf" else {}
     body = mlp([784] + [width] * depth + [10], activation, constraint,
                group_size=group_size if activation == "groupsort" else None, l_constant=l_constant, **kwargs)
     return nn.Sequential(nn.Flatten(), *body)
