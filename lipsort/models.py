@@ -60,6 +60,19 @@ register_lipschitz_bound(Scale, lambda module, norm: abs(float(module.factor)))
 
 ACTIVATIONS = ("relu", "abs", "maxmin", "groupsort", "fullsort")
 CONSTRAINTS = ("bjorck", "spectral", "linf", None)
+INITS = ("torch", "lnets")
+
+
+def _lnets_init(layer: nn.Linear) -> nn.Linear:
+    """LNets' ``DenseLinear.reset_parameters``: an orthogonal weight scaled by the gain
+    :math:`1/\sqrt{\text{fan-in}}` (every singular value :math:`1/\sqrt{\text{fan-in}}`), then the bias
+    uniform in :math:`\pm 1/\sqrt{\text{fan-in}}`."""
+    bound = 1.0 / math.sqrt(layer.in_features)
+    with torch.no_grad():
+        nn.init.orthogonal_(layer.weight, gain=bound)
+        if layer.bias is not None:
+            layer.bias.uniform_(-bound, bound)
+    return layer
 
 
 def _activation(name: str, group_size: int | None) -> nn.Module:
@@ -98,6 +111,7 @@ def mlp(
     group_size: int | None = None,
     *,
     l_constant: float | None = None,
+    init: str = "torch",
     **constraint_kwargs,
 ) -> nn.Sequential:
     """Fully connected network ``sizes[0] → sizes[1] → … → sizes[-1]``.
@@ -107,6 +121,8 @@ def mlp(
     the last. ``constraint_kwargs`` go to the parametrization (e.g. ``n_iters=20``).
     ``l_constant`` ``K > 0`` adds a :class:`Scale` by :math:`K^{1/n}` after each of the ``n``
     linear layers (LNets' ``FCNet``), so that 1-Lipschitz layers make a ``K``-Lipschitz net.
+    ``init`` is the linear layers' initialization before their constraint: ``"torch"``
+    (``nn.Linear``'s) or ``"lnets"`` (the authors': orthogonal with gain :math:`1/\sqrt{\text{fan-in}}`).
 
     Example:
         >>> net = mlp([2, 8, 8, 1], activation="groupsort", group_size=4, constraint=None)
@@ -121,10 +137,15 @@ def mlp(
         raise ValueError(f"unknown activation {activation!r}; choose one of {ACTIVATIONS}")
     if l_constant is not None and not (l_constant > 0 and math.isfinite(l_constant)):
         raise ValueError(f"l_constant must be a positive finite number, got {l_constant!r}")
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; choose one of {INITS}")
     per_layer = None if l_constant is None else float(l_constant) ** (1.0 / (len(sizes) - 1))
     layers: list[nn.Module] = []
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(_constrain(nn.Linear(n_in, n_out), constraint, dict(constraint_kwargs)))
+        linear = nn.Linear(n_in, n_out)
+        if init == "lnets":
+            _lnets_init(linear)
+        layers.append(_constrain(linear, constraint, dict(constraint_kwargs)))
         if per_layer is not None:
             layers.append(Scale(per_layer))
         if i < len(sizes) - 2:

@@ -64,3 +64,19 @@ def test_l_constant_equals_output_scaling_for_homogeneous_nets():
 def test_l_constant_rejects_bad_values(bad):
     with pytest.raises(ValueError, match="l_constant"):
         mlp([4, 4, 2], "relu", None, l_constant=bad)
+
+
+def test_lnets_init_is_orthogonal_with_gain_one_over_sqrt_fan_in():
+    torch.manual_seed(0)
+    net = mlp([16, 16, 32, 4], "relu", None, init="lnets")
+    for layer in (m for m in net if isinstance(m, torch.nn.Linear)):
+        n = layer.in_features
+        w = layer.weight.detach().double()
+        gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
+        torch.testing.assert_close(gram * n, torch.eye(min(w.shape), dtype=torch.float64), atol=1e-5, rtol=0)
+        assert float(layer.bias.detach().abs().max()) <= 1 / n**0.5
+    torch.manual_seed(0)
+    default = mlp([16, 16, 32, 4], "relu", None)
+    assert not torch.allclose(default[0].weight, net[0].weight)  # PyTorch's init is another
+    with pytest.raises(ValueError, match="unknown init 'xavier'"):
+        mlp([4, 4], init="xavier")

@@ -43,6 +43,17 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, method):
         (1e-3 if method == "pgd" else 3.3e-3) * 0.1)]
 
 
+def test_the_init_names_the_checkpoint(tmp_path):
+    data = _data()
+    for init in ("torch", "lnets", "torch"):  # the default again: its first checkpoint resumes
+        torch.manual_seed(0)
+        net = xr.build("relu", None, 8, depth=2, init=init)
+        result = xr.train("t.init", net, "standard", data, data, epochs=1, batch_size=16, lr=1e-3,
+                          milestones=[], checkpoint_dir=str(tmp_path))
+    assert len(list(tmp_path.glob("t.init-*.pt"))) == 2 and result.resumed_from == 1
+    assert net.init == "torch" and xr.build("relu", None, 8, init="lnets").init == "lnets"
+
+
 def test_hinge_net_is_l_constant_lipschitz_in_linf():
     result = _run("hinge", 1, "")
     bound = float(lipschitz_upper_bound(result.model, "linf"))

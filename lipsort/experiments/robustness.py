@@ -193,13 +193,19 @@ def load_split(dataset: str = "mnist", n_train_per_class: int | None = None, n_t
 
 
 def build(activation: str, constraint: str | None, width: int, depth: int = 3, group_size: int = 4,
-          l_constant: float | None = None, bjorck_iters: int = 20, linf_onto: str = "ball") -> nn.Sequential:
+          l_constant: float | None = None, bjorck_iters: int = 20, linf_onto: str = "ball",
+          init: str = "torch") -> nn.Sequential:
     """``Flatten → 784 → width ×depth → 10`` (:func:`lipsort.models.mlp`); ``linf_onto`` is the
-    ``onto`` of the ℓ∞ layers (:func:`lipsort.parametrizations.linf_projected`)."""
+    ``onto`` of the ℓ∞ layers (:func:`lipsort.parametrizations.linf_projected`), ``init`` the
+    layers' initialization, kept as the network's ``init`` attribute (:func:`train` names its
+    checkpoint by it: the architecture's repr does not show it)."""
     kwargs = {"n_iters": bjorck_iters} if constraint == "bjorck" else {"onto": linf_onto} if constraint == "linf" else {}
     body = mlp([784] + [width] * depth + [10], activation, constraint,
-               group_size=group_size if activation == "groupsort" else None, l_constant=l_constant, **kwargs)
-    return nn.Sequential(nn.Flatten(), *body)
+               group_size=group_size if activation == "groupsort" else None, l_constant=l_constant, init=init,
+               **kwargs)
+    net = nn.Sequential(nn.Flatten(), *body)
+    net.init = init
+    return net
 
 
 def _milestones(milestones) -> Schedule:
@@ -249,7 +255,9 @@ def train(name: str, model: nn.Module, method: str, train_data, test_data, *, ep
     path = run_path(checkpoint_dir, name, method=method, architecture=repr(model), n_train=int(len(train_data[1])),
                     batch_size=batch_size, lr=lr, milestones=list(milestones), margin=margin, l_constant=l_constant,
                     pgd=[pgd_steps, pgd_eps, pgd_step_size] if method == "pgd" else None, seed=seed,
-                    projection=linf_projection if method == "hinge" else None)  # fmt: skip
+                    projection=linf_projection if method == "hinge" else None,
+                    # Only a non-default init names the file: the names of earlier runs stay.
+                    **({"init": model.init} if getattr(model, "init", "torch") != "torch" else {}))  # fmt: skip
     return fit(model, opt, loss, loader(train_data, batch_size, seed=seed), epochs,
                eval_data=loader(test_data, 1000, shuffle=False), schedule=_milestones(milestones),
                checkpoint=path, device=device, desc=name, progress=progress, **kwargs)
