@@ -61,7 +61,7 @@ def row_sums_within(a: torch.Tensor, radius: float) -> torch.Tensor:
 
 
 def project(w: torch.Tensor, radius: float, exact_theta: bool):
-    """``(v, inside, support)``: the values of :func:`lipsort.functional.project_rows_l1`, the
+    r"""``(v, inside, support)``: the values of :func:`lipsort.functional.project_rows_l1`, the
     rows inside the ball, and the support ``|w| > θ`` (``None`` when every row is inside, or
     without ``exact_theta``).
 

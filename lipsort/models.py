@@ -64,7 +64,7 @@ INITS = ("torch", "lnets")
 
 
 def _lnets_init(layer: nn.Linear) -> nn.Linear:
-    """LNets' ``DenseLinear.reset_parameters``: an orthogonal weight scaled by the gain
+    r"""LNets' ``DenseLinear.reset_parameters``: an orthogonal weight scaled by the gain
     :math:`1/\sqrt{\text{fan-in}}` (every singular value :math:`1/\sqrt{\text{fan-in}}`), then the bias
     uniform in :math:`\pm 1/\sqrt{\text{fan-in}}`."""
     bound = 1.0 / math.sqrt(layer.in_features)
@@ -114,7 +114,7 @@ def mlp(
     init: str = "torch",
     **constraint_kwargs,
 ) -> nn.Sequential:
-    """Fully connected network ``sizes[0] → sizes[1] → … → sizes[-1]``.
+    r"""Fully connected network ``sizes[0] → sizes[1] → … → sizes[-1]``.
 
     Every linear layer carries ``constraint`` ("bjorck": orthonormal, "spectral": ‖W‖₂ ≈ 1 by
     power iteration, "linf": ‖W‖∞ ≤ 1, or None); ``activation`` sits between layers, none after
