@@ -9,6 +9,7 @@ import torch
 from lipsort.certify import lipschitz_upper_bound
 from lipsort.experiments import robustness as xr
 from lipsort.runtime import num_threads
+from lipsort.training import evaluate
 
 
 def _data(n=48, seed=0):
@@ -76,6 +77,45 @@ def test_the_authors_sphere_projection_keeps_every_row_on_the_sphere(tmp_path):
     with pytest.raises(ValueError, match="linf_projection must be 'ball' or 'sphere', got 'box'"):
         xr.train("x", xr.build("relu", None, 8), "hinge", _data(), _data(), epochs=1, batch_size=8,
                  lr=1e-3, milestones=[], linf_projection="box")
+
+
+def test_validation_split_is_the_held_out_part(monkeypatch):
+    from lipsort import data
+
+    ids, labels = torch.arange(200.0), torch.arange(200) % 10  # image i is the number i
+    test = (torch.arange(1000.0, 1030.0), torch.arange(30) % 10)
+    monkeypatch.setattr(data, "mnist", lambda train=True: (ids, labels) if train else test)
+    for per_class in (None, 5):
+        (x, y), none, (xt, yt) = xr.load_split("mnist", per_class, 20)
+        (x2, y2), (xv, yv), (xt2, _) = xr.load_split("mnist", per_class, 20, n_val=None)
+        assert none is None and torch.equal(x, x2) and torch.equal(y, y2) and torch.equal(xt, xt2)
+        assert len(xt) == 20
+        assert len(x) == (180 if per_class is None else 50)
+        # Every training image is in exactly one of the two parts; the held-out ones in order.
+        assert sorted(torch.cat([x, xv]).tolist()) == ids.tolist() and xv.tolist() == sorted(xv.tolist())
+        assert torch.equal(yv, labels[xv.long()])
+        (_, _), (xv5, _), _ = xr.load_split("mnist", per_class, 20, n_val=5)
+        assert torch.equal(xv5, xv[:5])
+    with pytest.raises(ValueError, match="n_val=21 asks for more than the 20 training images left out"):
+        xr.load_split("mnist", None, 20, n_val=21)
+    with pytest.raises(ValueError, match="n_val must be a non-negative integer or None"):
+        xr.load_split("mnist", None, 20, n_val=-1)
+
+
+def test_validation_returns_the_best_epoch_under_its_own_name(tmp_path):
+    val = _data(40, seed=1)
+    with num_threads(1):
+        final = _run("pgd", 3, str(tmp_path))
+        best = _run("pgd", 3, str(tmp_path), val_data=val)
+    assert len(list(tmp_path.glob("t.pgd-*.pt"))) == 2  # a validated run has its own checkpoint
+    acc = best.history["val_acc"]
+    assert best.best_epoch == acc.index(max(acc)) + 1 and final.best_epoch is None
+    assert best.history["eval_acc"] == final.history["eval_acc"]  # the same training
+    # The model holds the kept weights (here epoch 1's: random labels, a tie), not the last.
+    weights, last = best.model.state_dict(), final.model.state_dict()
+    assert best.best_epoch < 3 and all(torch.equal(weights[k], best.best_state[k]) for k in weights)
+    assert not all(torch.equal(weights[k], last[k]) for k in weights)
+    assert evaluate(best.model, [val])["acc"] == max(acc)
 
 
 def test_bad_method_and_dataset_are_named():

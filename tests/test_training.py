@@ -260,6 +260,65 @@ def test_finished_checkpoint_is_returned_and_can_be_extended(tmp_path):
         fit(worker.noisy_problem()[0], epochs=6, checkpoint=path, **kwargs)
 
 
+def _val_problem(seed=4, n_val=60):
+    """A learnable problem (points inside a circle) with held-out points, trained at a learning
+    rate high enough that the held-out accuracy goes down as well as up."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(80 + n_val, 2, generator=g, dtype=D)
+    y = ((x - 0.5).square().sum(1) < 0.1).long()
+    torch.manual_seed(0)
+    net = mlp([2, 16, 16, 2], "maxmin", None).to(D)
+    kwargs = {"optimizer": lambda p: torch.optim.Adam(p, lr=0.1), "loss": nn.CrossEntropyLoss(),
+              "train_data": loader((x[:80], y[:80]), 10, seed=3), "progress": False}
+    return net, kwargs, loader((x[80:], y[80:]), 30, shuffle=False)
+
+
+def test_best_validation_epoch_is_kept_and_resumes(tmp_path):
+    def run(epochs, validation=True, problem=(), **more):
+        net, kwargs, val = _val_problem(*problem)  # fresh: the loaders carry their generators' state
+        return fit(net, epochs=epochs, **({"val_data": val} if validation else {}), **kwargs, **more)
+
+    whole = run(8)
+    acc = whole.history["val_acc"]
+    assert len(acc) == len(whole.history["val_loss"]) == 8
+    best = acc.index(max(acc)) + 1  # the first epoch of the highest accuracy
+    assert whole.best_epoch == best and best < 8 and acc[-1] < max(acc)
+    # Its weights are those of the same run stopped there (evaluating changes no training),
+    # the model ends at the last epoch, and the kept weights score the recorded accuracy.
+    assert _same_state(whole.best_state, run(best, validation=False).model.state_dict())
+    assert _same_state(whole.model.state_dict(), run(8, validation=False).model.state_dict())
+    whole.model.load_state_dict(whole.best_state)
+    assert evaluate(whole.model, _val_problem()[2])["acc"] == max(acc)
+    # On a tie the first of the best epochs is kept, as the authors' strict comparison does.
+    tied = run(8, problem=(7, 30))
+    acc = tied.history["val_acc"]
+    assert acc.count(max(acc)) > 1 and tied.best_epoch == acc.index(max(acc)) + 1
+    assert _same_state(tied.best_state, run(tied.best_epoch, validation=False, problem=(7, 30)).model.state_dict())
+
+    # Interrupted after 4 epochs and resumed: the same history, best epoch and weights.
+    path = tmp_path / "val.pt"
+    run(4, checkpoint=path)
+    resumed = run(8, checkpoint=path)
+    timed = lambda h: {k: v for k, v in h.items() if k != "seconds"}  # noqa: E731
+    assert resumed.resumed_from == 4 and timed(resumed.history) == timed(whole.history)
+    assert resumed.best_epoch == best and _same_state(resumed.best_state, whole.best_state)
+    done = run(8, checkpoint=path)
+    assert done.already_done and done.best_epoch == best and _same_state(done.best_state, whole.best_state)
+
+    # A run with validation and one without are different runs.
+    with pytest.raises(ckpt.CheckpointError, match="its validation is True, this run's is None"):
+        run(8, validation=False, checkpoint=path)
+    plain = tmp_path / "plain.pt"
+    run(1, validation=False, checkpoint=plain)
+    with pytest.raises(ckpt.CheckpointError, match="its validation is None, this run's is True"):
+        run(2, checkpoint=plain)
+    assert run(1, validation=False).best_state is None
+    soft = [(torch.rand(4, 2, dtype=D), torch.rand(4, 2, dtype=D))]
+    with pytest.raises(ValueError, match="val_data must have integer class labels"):
+        fit(nn.Linear(2, 2).to(D), lambda p: torch.optim.SGD(p, lr=0.1), nn.MSELoss(), soft, 1,
+            val_data=soft, progress=False)
+
+
 class _Opaque:  # a pickled object: weights_only refuses it
     pass
 

@@ -170,26 +170,36 @@ def normalization_check(mean: float = 0.1307, std: float = 0.3081, dim: int = 16
 
 
 def load_split(dataset: str = "mnist", n_train_per_class: int | None = None, n_test: int | None = None,
-               train_fraction: float = 0.9, seed: int = 0):
-    """(train, test) tensors: ``n_train_per_class`` images per class (stratified, seeded), or
-    with ``None`` the authors' random ``train_fraction`` of the training set (90/10 split);
-    the first ``n_test`` test images (all if ``None``)."""
+               train_fraction: float = 0.9, seed: int = 0, n_val: int | None = 0):
+    """(train, val, test) tensors: ``n_train_per_class`` images per class (stratified, seeded),
+    or with ``None`` the authors' random ``train_fraction`` of the training set (90/10 split);
+    ``val`` the first ``n_val`` (all if ``None``; with 0, ``val`` is None) of the training
+    images left out of ``train``, in their order (the authors validate on their 10%); the
+    first ``n_test`` test images (all if ``None``)."""
     from .. import data
 
     if dataset not in ("mnist", "fashion_mnist"):
         raise ValueError(f"dataset must be 'mnist' or 'fashion_mnist', got {dataset!r}")
+    if n_val is not None and (isinstance(n_val, bool) or not isinstance(n_val, int) or n_val < 0):
+        raise ValueError(f"n_val must be a non-negative integer or None (all held-out images), got {n_val!r}")
     load = getattr(data, dataset)
     x, y = load(train=True)
     if n_train_per_class is None:
         keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
         keep = keep[: round(train_fraction * len(y))].sort().values
-        x, y = x[keep], y[keep]
-    else:
-        x, y = data.subset_per_class(x, y, n_train_per_class, seed=seed)
+    else:  # the draw depends on the labels and the seed only: drawn on indices, it is the same
+        keep, _ = data.subset_per_class(torch.arange(len(y)), y, n_train_per_class, seed=seed)
     xt, yt = load(train=False)
     if n_test is not None:
         xt, yt = xt[:n_test], yt[:n_test]
-    return (x, y), (xt, yt)
+    if n_val == 0:
+        return (x[keep], y[keep]), None, (xt, yt)
+    left_out = torch.ones(len(y), dtype=torch.bool)
+    left_out[keep] = False
+    held = left_out.nonzero().squeeze(1)[:n_val]
+    if n_val is not None and len(held) < n_val:
+        raise ValueError(f"n_val={n_val} asks for more than the {len(held)} training images left out of the split")
+    return (x[keep], y[keep]), (x[held], y[held]), (xt, yt)
 
 
 def build(activation: str, constraint: str | None, width: int, depth: int = 3, group_size: int = 4,
@@ -215,7 +225,7 @@ def _milestones(milestones) -> Schedule:
 def train(name: str, model: nn.Module, method: str, train_data, test_data, *, epochs: int, batch_size: int,
           lr: float, milestones, margin: float = 0.3, l_constant: float = 1000.0, pgd_steps: int = 40,
           pgd_eps: float = 0.3, pgd_step_size: float = 0.01, linf_projection: str = "ball",
-          checkpoint_dir: str = "", seed: int = 0, device=None, progress: bool = False):
+          val_data=None, checkpoint_dir: str = "", seed: int = 0, device=None, progress: bool = False):
     """Train one network with the authors' recipe for ``method``; returns the :class:`FitResult`.
 
     * ``"standard"``: Adam, cross-entropy (A6, and A9's standard net);
@@ -226,8 +236,10 @@ def train(name: str, model: nn.Module, method: str, train_data, test_data, *, ep
     * ``"pgd"``: A9's adversarial training, Adam on the cross-entropy of ℓ∞ PGD inputs
       (:func:`pgd_training_transform`: ε, steps, step size, margin ascent, clamp to [0, 1]).
 
-    The learning rate is multiplied by 0.1 at each of ``milestones`` (epochs). With
-    ``checkpoint_dir`` the run writes ``<dir>/<name>-<hash of the settings>.pt`` every epoch
+    The learning rate is multiplied by 0.1 at each of ``milestones`` (epochs). With ``val_data``
+    (held-out ``(x, y)``) the returned model holds the weights of the first epoch of best
+    validation accuracy (``result.best_epoch``), as the authors report, not the last epoch's.
+    With ``checkpoint_dir`` the run writes ``<dir>/<name>-<hash of the settings>.pt`` every epoch
     and resumes from it;
     ``progress`` shows fit's bars and a line per epoch (with timings: off for the goldens).
     """
@@ -256,11 +268,18 @@ def train(name: str, model: nn.Module, method: str, train_data, test_data, *, ep
                     batch_size=batch_size, lr=lr, milestones=list(milestones), margin=margin, l_constant=l_constant,
                     pgd=[pgd_steps, pgd_eps, pgd_step_size] if method == "pgd" else None, seed=seed,
                     projection=linf_projection if method == "hinge" else None,
-                    # Only a non-default init names the file: the names of earlier runs stay.
-                    **({"init": model.init} if getattr(model, "init", "torch") != "torch" else {}))  # fmt: skip
-    return fit(model, opt, loss, loader(train_data, batch_size, seed=seed), epochs,
-               eval_data=loader(test_data, 1000, shuffle=False), schedule=_milestones(milestones),
-               checkpoint=path, device=device, desc=name, progress=progress, **kwargs)
+                    # Only a non-default init or a validation set names the file: the names of
+                    # earlier runs stay.
+                    **({"init": model.init} if getattr(model, "init", "torch") != "torch" else {}),
+                    **({"n_val": int(len(val_data[1]))} if val_data is not None else {}))  # fmt: skip
+    if val_data is not None:
+        kwargs["val_data"] = loader(val_data, 1000, shuffle=False)
+    result = fit(model, opt, loss, loader(train_data, batch_size, seed=seed), epochs,
+                 eval_data=loader(test_data, 1000, shuffle=False), schedule=_milestones(milestones),
+                 checkpoint=path, device=device, desc=name, progress=progress, **kwargs)
+    if result.best_state is not None:
+        result.model.load_state_dict(result.best_state)
+    return result
 
 
 def rows_inside_ball(model: nn.Module, radius: float = 1.0, rtol: float = 1e-4) -> float:

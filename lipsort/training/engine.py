@@ -184,7 +184,8 @@ class FitResult:
     """What :func:`fit` returns: the trained model (not wrapped), the per-epoch history (also in
     the checkpoint and, beside it, as ``<checkpoint>.json``), the number of epochs done, the
     epoch the run resumed from (``None``: it started from scratch) and whether the checkpoint
-    was already complete (nothing was trained)."""
+    was already complete (nothing was trained). With ``val_data``: the first epoch of highest
+    validation accuracy and the model's ``state_dict`` after it (``None`` otherwise)."""
 
     model: nn.Module
     history: dict = field(default_factory=dict)
@@ -192,9 +193,11 @@ class FitResult:
     resumed_from: int | None = None
     already_done: bool = False
     checkpoint: Path | None = None
+    best_epoch: int | None = None
+    best_state: dict | None = None
 
 
-def _new_history(radii) -> dict:
+def _new_history(radii, validation: bool = False) -> dict:
     keys = (
         "epoch",
         "lr",
@@ -205,16 +208,20 @@ def _new_history(radii) -> dict:
         "lipschitz",
         "certified_acc",
         "seconds",
-    )
+    ) + (_VALIDATION_KEYS if validation else ())
     return {"certify_eps": list(radii), **{k: [] for k in keys}}
 
 
+_VALIDATION_KEYS = ("val_loss", "val_acc")
+
+
 def _check_config(path: Path, saved: dict, config: dict, resuming: bool) -> None:
-    for key in ("model", "optimizer", "scheduler", "certify_eps", "certify_norm"):
-        if saved.get(key) != config[key]:
+    # "validation" is only in the configs of runs with val_data (older checkpoints lack it).
+    for key in ("model", "optimizer", "scheduler", "certify_eps", "certify_norm", "validation"):
+        if saved.get(key) != config.get(key):
             raise ckpt.CheckpointError(
                 f"checkpoint {path} comes from another run: its {key} is {saved.get(key)!r}, "
-                f"this run's is {config[key]!r}. Use another path, or delete the file."
+                f"this run's is {config.get(key)!r}. Use another path, or delete the file."
             )
     for key, what in (("threads", "torch threads"), ("world_size", "processes")):
         if resuming:
@@ -229,6 +236,7 @@ def fit(
     epochs: int,
     *,
     eval_data: Iterable | None = None,
+    val_data: Iterable | None = None,
     schedule: Schedule | Callable | None = None,
     checkpoint: str | os.PathLike | None = None,
     certify_eps: float | Sequence[float] | None = None,
@@ -250,8 +258,10 @@ def fit(
     ``loss(model(x), y)`` (a batch *mean*), or ``step_loss(model, batch)`` for other
     batches; backward; gradient-norm clipping at ``max_grad_norm`` if given;
     ``optimizer.step()``; ``after_step(model)``. After each epoch: ``schedule`` steps,
-    :func:`evaluate` runs on ``eval_data``, ``metrics(model)`` (in eval mode, without
-    gradients) adds its ``{name: number}`` to the history, the checkpoint is written, then
+    :func:`evaluate` runs on ``eval_data`` (and on ``val_data``, whose first epoch of highest
+    accuracy is kept: Anil et al. report the best-validation epoch), ``metrics(model)`` (in
+    eval mode, without gradients) adds its ``{name: number}`` to the history, the checkpoint
+    (with the kept weights) is written, then
     ``on_epoch_end(epoch, history)`` is called (``epoch`` counts completed epochs). Keep what
     a run measures per epoch in ``metrics``: it is saved with the checkpoint, so a resumed run
     still has every epoch's values.
@@ -266,6 +276,10 @@ def fit(
             targets; re-iterated every epoch (:class:`lipsort.data.TensorLoader`).
         epochs: total epochs wanted (more than a checkpoint holds: it continues).
         eval_data, certify_eps, certify_norm, lipschitz: what :func:`evaluate` gets.
+        val_data: held-out ``(x, y)`` batches with integer labels: the history gains
+            ``val_loss`` and ``val_acc``, and the result's ``best_epoch`` and ``best_state``
+            are the first epoch of highest ``val_acc`` and the weights after it (the model
+            itself ends at the last epoch, as without it).
         schedule: a :class:`Schedule` (stepped once per epoch, or after every optimizer step
             if :attr:`Schedule.per_step`), or a factory ``optimizer -> torch LR scheduler``
             (stepped once per epoch), or ``None`` (constant).
@@ -309,7 +323,7 @@ def fit(
         optimizer = optimizer(model.parameters())
     scheduler = schedule(optimizer) if schedule is not None else None
     per_step = bool(getattr(schedule, "per_step", False))
-    loaders = [train_data] + ([eval_data] if eval_data is not None else [])
+    loaders = [train_data] + [d for d in (eval_data, val_data) if d is not None]
     config = {
         "model": type(model).__qualname__,
         "optimizer": type(optimizer).__qualname__,
@@ -319,9 +333,12 @@ def fit(
         "threads": torch.get_num_threads(),
         "world_size": world,
     }
+    if val_data is not None:
+        config["validation"] = True
 
     path = None if checkpoint is None else Path(checkpoint)
-    history, start, resumed_from = _new_history(radii), 0, None
+    history, start, resumed_from = _new_history(radii, val_data is not None), 0, None
+    best: dict = {}  # {"epoch", "acc", "model"}: the kept weights, with val_data
     if path is not None and path.exists():
         state = ckpt.load_checkpoint(path)
         _check_config(path, state["config"], config, resuming=state["epoch"] < epochs)
@@ -336,9 +353,9 @@ def fit(
                 scheduler.load_state_dict(state["scheduler"])
         except (RuntimeError, ValueError, KeyError) as err:
             raise ckpt.CheckpointError(f"checkpoint {path} does not fit this model: {err}") from err
-        history, start = state["history"], state["epoch"]
+        history, start, best = state["history"], state["epoch"], state.get("best", {})
         if start == epochs:
-            return FitResult(model, history, start, start, True, path)
+            return FitResult(model, history, start, start, True, path, best.get("epoch"), best.get("model"))
         rngs = state["rng"]["processes"]
         ckpt.set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
         for loader, s in zip(loaders, state["rng"]["loaders"]):
@@ -420,18 +437,27 @@ def fit(
             ("seconds", time.perf_counter() - t0),
         ):
             history[key].append(value)
+        if val_data is not None:
+            val = evaluate(model, val_data, loss, device=device)
+            if val["acc"] is None:
+                raise ValueError("val_data must have integer class labels (the best epoch is chosen by accuracy)")
+            history["val_loss"].append(val["loss"])
+            history["val_acc"].append(val["acc"])
+            if not best or val["acc"] > best["acc"]:  # strictly: the first epoch of the best
+                weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                best = {"epoch": epoch + 1, "acc": val["acc"], "model": weights}
         if metrics is not None:
             for key, value in _metrics(model, metrics).items():
                 history.setdefault(key, []).append(value)
         if path is not None:
             _save(
-                path, epoch + 1, model, optimizer, scheduler, history, loaders, config, rank, world
+                path, epoch + 1, model, optimizer, scheduler, history, loaders, config, rank, world, best
             )
         if show:
             tqdm.write(_summary(history, epochs))
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, history)
-    return FitResult(model, history, epochs, resumed_from, False, path)
+    return FitResult(model, history, epochs, resumed_from, False, path, best.get("epoch"), best.get("model"))
 
 
 def _metrics(model: nn.Module, metrics) -> dict:
@@ -444,14 +470,14 @@ def _metrics(model: nn.Module, metrics) -> dict:
         model.train(was_training)
     if not isinstance(values, dict):
         raise TypeError(f"metrics must return a dict of numbers, got {type(values).__name__}")
-    reserved = set(_new_history([]))
+    reserved = set(_new_history([], validation=True))
     clash = sorted(reserved & set(values))
     if clash:
         raise ValueError(f"metrics names {clash} are the history's own; choose other names")
     return {k: float(v) for k, v in values.items()}
 
 
-def _save(path, epoch, model, optimizer, scheduler, history, loaders, config, rank, world) -> None:
+def _save(path, epoch, model, optimizer, scheduler, history, loaders, config, rank, world, best) -> None:
     rng = ckpt.get_rng_state()
     if world > 1:
         import torch.distributed as dist
@@ -469,6 +495,7 @@ def _save(path, epoch, model, optimizer, scheduler, history, loaders, config, ra
             history=history,
             rng={"processes": gathered, "loaders": [ckpt.loader_state(ld) for ld in loaders]},
             config=config,
+            **({"best": best} if best else {}),
         )
         ckpt.save_atomic(payload, path)
         ckpt.save_json_atomic(history, path.with_name(path.name + ".json"))
@@ -488,8 +515,9 @@ def _summary(history: dict, epochs: int) -> str:
         ("train_acc", "train acc"),
         ("eval_loss", "eval loss"),
         ("eval_acc", "eval acc"),
+        ("val_acc", "val acc"),
     ):
-        if history[key][-1] is not None:
+        if history.get(key, [None])[-1] is not None:
             parts.append(f"{name} {history[key][-1]:.4f}")
     if history["certified_acc"][-1] is not None:
         certs = ", ".join(
