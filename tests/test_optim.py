@@ -118,3 +118,65 @@ def test_state_dict_round_trip():
     _run(lambda ps: opt2, a, b, restored, 5)
     for p, q in zip(params, restored):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- Parseval retraction
+
+
+def _authors_parseval(weight: torch.Tensor) -> torch.Tensor:
+    """cemanil/LNets per_update_proj of type l_2 (one order-1 Björck iteration, β = 1/2), with
+    their transposes: project_on_l2_ball(weight.t()).t() orthonormalizes weight.t().t()."""
+    w = weight.t().t()
+    w_t_w = w.t().mm(w)
+    return ((1 + 0.5) * w - 0.5 * w.mm(w_t_w)).t().t()
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (5, 7), (6, 6)])
+def test_parseval_is_the_authors_step_and_maps_each_singular_value(shape):
+    from torch import nn
+
+    from lipsort.optim import parseval_
+
+    torch.manual_seed(0)
+    layer = nn.Linear(shape[1], shape[0]).double()
+    with torch.no_grad():
+        layer.weight.mul_(3)
+    before = layer.weight.detach().clone()
+    assert parseval_(nn.Sequential(layer, nn.ReLU())) == 1
+    after = layer.weight.detach()
+    torch.testing.assert_close(after, _authors_parseval(before), rtol=1e-13, atol=1e-13)
+    # σ ↦ 1.5σ − 0.5σ³ on the same singular vectors: |f(σ)| ≤ 1 for σ ≤ 2, negative beyond √3.
+    s = torch.linalg.svdvals(before)
+    expected = (1.5 * s - 0.5 * s**3).abs().sort(descending=True).values
+    torch.testing.assert_close(torch.linalg.svdvals(after), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_parseval_keeps_trained_weights_inside_the_unit_spectral_ball():
+    from torch import nn
+
+    from lipsort.models import mlp
+    from lipsort.optim import parseval_
+    from lipsort.parametrizations import bjorck_orthonormal
+
+    torch.manual_seed(0)
+    net = mlp([12, 16, 16, 3], "maxmin", None).double()
+    x, y = torch.rand(64, 12, dtype=torch.float64), torch.randint(0, 3, (64,))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    parseval_(net)
+    for _ in range(50):
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+        parseval_(net)
+        norms = [float(torch.linalg.matrix_norm(m.weight.detach(), 2)) for m in net if isinstance(m, nn.Linear)]
+        assert max(norms) <= 1 + 1e-12
+    # Repeated steps converge to orthonormal rows or columns; a parametrized layer is left alone.
+    lone = nn.Linear(16, 12).double()
+    for _ in range(60):
+        parseval_(lone)
+    torch.testing.assert_close(lone.weight @ lone.weight.mT, torch.eye(12, dtype=torch.float64))
+    fixed = bjorck_orthonormal(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="found no unparametrized nn.Linear in ParametrizedLinear"):
+        parseval_(fixed)
+    with pytest.raises(ValueError, match="beta must be a positive finite number"):
+        parseval_(lone, beta=0.0)

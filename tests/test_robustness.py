@@ -163,10 +163,13 @@ def test_a6_and_a10_results_leave_out_what_a_run_did_not_train():
         return SimpleNamespace(history={"epoch": list(range(1, len(accs) + 1)), "eval_acc": list(accs)})
 
     runs = {("relu", None): run(0.8, 0.9), ("maxmin", "bjorck"): run(0.85)}
-    out = xr.a6_results(runs, pd.DataFrame({"test acc": [0.9, 0.85]}))
+    out = xr.a6_results(runs, pd.DataFrame({"test acc": [0.9, 0.85], "L bound": [40.0, 1.0]}))
     assert out == pytest.approx({"a6.relu.standard.acc": 0.9, "a6.maxmin.bjorck.acc": 0.85,
                                  "a6.gap.maxmin_bjorck": 0.05, "a6.relu.standard.test_acc.e001": 0.8,
                                  "a6.relu.standard.test_acc.e002": 0.9, "a6.maxmin.bjorck.test_acc.e001": 0.85})
+    runs = {("relu", "parseval"): run(0.7), ("relu", None): run(0.9), ("maxmin", "parseval"): run(0.8)}
+    out = xr.a6_results(runs, pd.DataFrame({"test acc": [0.7, 0.9, 0.8], "L bound": [0.98, 40.0, 0.99]}))
+    assert out["a6.parseval.max_lipschitz"] == 0.99 and out["a6.relu.parseval.acc"] == 0.7
     empty = xr.a6_table({}, (torch.zeros(0, 784), torch.zeros(0, dtype=torch.long)), n_check=1)
     assert xr.a6_results({}, empty) == {} and "seconds/epoch" in empty.columns
     t = torch.linspace(0, 1, 50, dtype=torch.float64)
@@ -231,3 +234,24 @@ def test_rows_inside_ball_counts_rows_strictly_inside_after_the_projection():
     assert xr.rows_inside_ball(net) == pytest.approx(2 / 6)
     with pytest.raises(ValueError, match="no plain nn.Linear"):
         xr.rows_inside_ball(torch.nn.ReLU())
+
+
+def test_parseval_net_is_retracted_after_every_update(tmp_path):
+    data = _data()
+    with num_threads(1):
+        torch.manual_seed(0)
+        standard = xr.train("t.p", xr.build("relu", None, 8, depth=2), "standard", data, data, epochs=2,
+                            batch_size=16, lr=1e-2, milestones=[], checkpoint_dir=str(tmp_path))
+        torch.manual_seed(0)
+        net = xr.build("relu", "parseval", 8, depth=2)
+        assert net.parseval and str(net) == str(standard.model)  # the same layers
+        parseval = xr.train("t.p", net, "standard", data, data, epochs=2, batch_size=16, lr=1e-2,
+                            milestones=[], checkpoint_dir=str(tmp_path))
+    assert len(list(tmp_path.glob("t.p-*.pt"))) == 2  # its own checkpoint
+    linears = [m for m in parseval.model if isinstance(m, torch.nn.Linear)]
+    norms = [float(torch.linalg.matrix_norm(m.weight.detach().double(), 2)) for m in linears]
+    assert max(norms) <= 1 + 1e-5 and float(lipschitz_upper_bound(parseval.model)) <= 1 + 1e-5
+    assert float(lipschitz_upper_bound(standard.model)) > 1.5  # the same run without the steps
+    with pytest.raises(ValueError, match="a Parseval network trains with method 'standard' or 'pgd'"):
+        xr.train("x", xr.build("relu", "parseval", 8), "hinge", data, data, epochs=1, batch_size=8,
+                 lr=1e-3, milestones=[])

@@ -30,7 +30,7 @@ from ..book.curves import curve_key
 from ..certify import certified_radius, lipschitz_upper_bound
 from ..losses import MarginLoss
 from ..models import mlp
-from ..optim import AggMo, plain_linears, project_linf_
+from ..optim import AggMo, parseval_, plain_linears, project_linf_
 from ..training import Schedule, evaluate, fit
 
 __all__ = [
@@ -62,7 +62,7 @@ __all__ = [
 
 F64 = torch.float64
 LABELS = {"relu": "ReLU", "maxmin": "MaxMin", "groupsort": "GroupSort", None: "standard",
-          "bjorck": "Björck", "spectral": "spectral", "linf": "ℓ∞"}
+          "bjorck": "Björck", "spectral": "spectral", "linf": "ℓ∞", "parseval": "Parseval"}
 #: The A8/A9 networks: name -> (activation, method).
 ROBUST_MODELS = {
     "maxmin_linf": ("maxmin", "hinge"),  # A8
@@ -207,14 +207,18 @@ def build(activation: str, constraint: str | None, width: int, depth: int = 3, g
           init: str = "torch") -> nn.Sequential:
     """``Flatten → 784 → width ×depth → 10`` (:func:`lipsort.models.mlp`); ``linf_onto`` is the
     ``onto`` of the ℓ∞ layers (:func:`lipsort.parametrizations.linf_projected`), ``init`` the
-    layers' initialization, kept as the network's ``init`` attribute (:func:`train` names its
-    checkpoint by it: the architecture's repr does not show it)."""
+    layers' initialization, kept as the network's ``init`` attribute, and ``"parseval"`` a
+    standard network whose ``parseval`` attribute makes :func:`train` retract its weights after
+    every update (:func:`lipsort.optim.parseval_`); :func:`train` names its checkpoint by both
+    (the architecture's repr shows neither)."""
+    parseval = constraint == "parseval"
+    constraint = None if parseval else constraint
     kwargs = {"n_iters": bjorck_iters} if constraint == "bjorck" else {"onto": linf_onto} if constraint == "linf" else {}
     body = mlp([784] + [width] * depth + [10], activation, constraint,
                group_size=group_size if activation == "groupsort" else None, l_constant=l_constant, init=init,
                **kwargs)
     net = nn.Sequential(nn.Flatten(), *body)
-    net.init = init
+    net.init, net.parseval = init, parseval
     return net
 
 
@@ -228,7 +232,8 @@ def train(name: str, model: nn.Module, method: str, train_data, test_data, *, ep
           val_data=None, checkpoint_dir: str = "", seed: int = 0, device=None, progress: bool = False):
     """Train one network with the authors' recipe for ``method``; returns the :class:`FitResult`.
 
-    * ``"standard"``: Adam, cross-entropy (A6, and A9's standard net);
+    * ``"standard"``: Adam, cross-entropy (A6, and A9's standard net; a net built as
+      ``"parseval"`` takes :func:`parseval_` after every update);
     * ``"hinge"``: A8, weights projected onto ‖W‖∞ ≤ 1 after every AggMo update
       (:func:`project_linf_`, also once at the start; ``linf_projection="sphere"``: every row
       onto ‖w‖₁ = 1, as the authors' code does), multi-class hinge with margin
@@ -250,6 +255,9 @@ def train(name: str, model: nn.Module, method: str, train_data, test_data, *, ep
         raise ValueError(f"method must be 'standard', 'hinge' or 'pgd', got {method!r}")
     if linf_projection not in ("ball", "sphere"):
         raise ValueError(f"linf_projection must be 'ball' or 'sphere', got {linf_projection!r}")
+    if method == "hinge" and getattr(model, "parseval", False):
+        raise ValueError("a Parseval network trains with method 'standard' or 'pgd'; 'hinge' projects "
+                         "the layers onto the ℓ∞ ball after every update instead")
     kwargs = {}
     if method == "hinge":
         project = functools.partial(project_linf_, onto=linf_projection)
@@ -260,6 +268,8 @@ def train(name: str, model: nn.Module, method: str, train_data, test_data, *, ep
     else:
         opt = lambda p: torch.optim.Adam(p, lr=lr)
         loss = nn.CrossEntropyLoss()
+        if getattr(model, "parseval", False):  # after every update, not before the first (LNets)
+            kwargs["after_step"] = parseval_
         if method == "pgd":
             kwargs["input_transform"] = pgd_training_transform(pgd_eps, pgd_steps, pgd_step_size)
     # Named by every setting but the epoch count (a longer run continues a shorter one), so a
@@ -268,9 +278,10 @@ def train(name: str, model: nn.Module, method: str, train_data, test_data, *, ep
                     batch_size=batch_size, lr=lr, milestones=list(milestones), margin=margin, l_constant=l_constant,
                     pgd=[pgd_steps, pgd_eps, pgd_step_size] if method == "pgd" else None, seed=seed,
                     projection=linf_projection if method == "hinge" else None,
-                    # Only a non-default init or a validation set names the file: the names of
-                    # earlier runs stay.
+                    # Only a non-default init, Parseval steps or a validation set name the file:
+                    # the names of earlier runs stay.
                     **({"init": model.init} if getattr(model, "init", "torch") != "torch" else {}),
+                    **({"parseval": True} if getattr(model, "parseval", False) else {}),
                     **({"n_val": int(len(val_data[1]))} if val_data is not None else {}))  # fmt: skip
     if val_data is not None:
         kwargs["val_data"] = loader(val_data, 1000, shuffle=False)
@@ -332,11 +343,15 @@ def a6_table(runs: dict, test_data, n_check: int, check_steps: int = 50):
 
 def a6_results(runs: dict, table) -> dict:
     """The ledger's A6 numbers from :func:`a6_table`: each network's test accuracy, the gap of
-    the Björck MaxMin (GroupSort) network to the standard ReLU one when both were trained, and
+    the Björck MaxMin (GroupSort) network to the standard ReLU one when both were trained, the
+    largest exact bound of the Parseval networks, and
     each network's accuracy-against-epoch curve (:func:`curve_results`, ``a6.<act>.<linear>``)."""
     out = {f"a6.{act}.{con or 'standard'}.acc": float(acc)
            for acc, (act, con) in zip(table["test acc"], runs, strict=True)}
     out.update(curve_results("a6", {f"{act}.{con or 'standard'}": run for (act, con), run in runs.items()}))
+    parseval = [bound for bound, (_, con) in zip(table["L bound"], runs, strict=True) if con == "parseval"]
+    if parseval:  # one Björck step after each update keeps every σ ≤ 1 (lipsort.optim.parseval_)
+        out["a6.parseval.max_lipschitz"] = float(max(parseval))
     ref = out.get("a6.relu.standard.acc")
     for act in ("maxmin", "groupsort"):
         if ref is not None and f"a6.{act}.bjorck.acc" in out:
