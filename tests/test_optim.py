@@ -123,12 +123,12 @@ def test_state_dict_round_trip():
 # --------------------------------------------------------------------------- Parseval retraction
 
 
-def _authors_parseval(weight: torch.Tensor) -> torch.Tensor:
-    """cemanil/LNets per_update_proj of type l_2 (one order-1 Björck iteration, β = 1/2), with
-    their transposes: project_on_l2_ball(weight.t()).t() orthonormalizes weight.t().t()."""
-    w = weight.t().t()
+def _authors_parseval(w: torch.Tensor) -> torch.Tensor:
+    """cemanil/LNets per_update_proj of type l_2: bjorck_orthonormalize (order 1, β = 1/2, one
+    iteration); project_weights' two transposes cancel, so it runs on W (out × in) itself, with
+    the in × in Gram matrix."""
     w_t_w = w.t().mm(w)
-    return ((1 + 0.5) * w - 0.5 * w.mm(w_t_w)).t().t()
+    return (1 + 0.5) * w - 0.5 * w.mm(w_t_w)
 
 
 @pytest.mark.parametrize("shape", [(7, 5), (5, 7), (6, 6)])

@@ -100,6 +100,8 @@ def test_validation_split_is_the_held_out_part(monkeypatch):
         xr.load_split("mnist", None, 20, n_val=21)
     with pytest.raises(ValueError, match="n_val must be a non-negative integer or None"):
         xr.load_split("mnist", None, 20, n_val=-1)
+    with pytest.raises(ValueError, match=r"no training image is left out of the split for validation \(n_val=None\)"):
+        xr.load_split("mnist", None, 20, train_fraction=1.0, n_val=None)
 
 
 def test_validation_returns_the_best_epoch_under_its_own_name(tmp_path):
@@ -116,6 +118,9 @@ def test_validation_returns_the_best_epoch_under_its_own_name(tmp_path):
     assert best.best_epoch < 3 and all(torch.equal(weights[k], best.best_state[k]) for k in weights)
     assert not all(torch.equal(weights[k], last[k]) for k in weights)
     assert evaluate(best.model, [val])["acc"] == max(acc)
+    with num_threads(1):  # a finished run read back: the kept weights again
+        again = _run("pgd", 3, str(tmp_path), val_data=val)
+    assert again.already_done and all(torch.equal(v, weights[k]) for k, v in again.model.state_dict().items())
 
 
 def test_bad_method_and_dataset_are_named():

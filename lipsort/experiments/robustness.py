@@ -172,9 +172,9 @@ def normalization_check(mean: float = 0.1307, std: float = 0.3081, dim: int = 16
 def load_split(dataset: str = "mnist", n_train_per_class: int | None = None, n_test: int | None = None,
                train_fraction: float = 0.9, seed: int = 0, n_val: int | None = 0):
     """(train, val, test) tensors: ``n_train_per_class`` images per class (stratified, seeded),
-    or with ``None`` the authors' random ``train_fraction`` of the training set (90/10 split);
-    ``val`` the first ``n_val`` (all if ``None``; with 0, ``val`` is None) of the training
-    images left out of ``train``, in their order (the authors validate on their 10%); the
+    or with ``None`` a random ``train_fraction`` of the training set (the authors: its first
+    90%); ``val`` the first ``n_val`` (all if ``None``; with 0, ``val`` is None) of the training
+    images left out of ``train``, in their order (the authors validate on their last 10%); the
     first ``n_test`` test images (all if ``None``)."""
     from .. import data
 
@@ -197,6 +197,8 @@ def load_split(dataset: str = "mnist", n_train_per_class: int | None = None, n_t
     left_out = torch.ones(len(y), dtype=torch.bool)
     left_out[keep] = False
     held = left_out.nonzero().squeeze(1)[:n_val]
+    if len(held) == 0:
+        raise ValueError(f"no training image is left out of the split for validation (n_val={n_val})")
     if n_val is not None and len(held) < n_val:
         raise ValueError(f"n_val={n_val} asks for more than the {len(held)} training images left out of the split")
     return (x[keep], y[keep]), (x[held], y[held]), (xt, yt)
@@ -255,7 +257,8 @@ def train(name: str, model: nn.Module, method: str, train_data, test_data, *, ep
         raise ValueError(f"method must be 'standard', 'hinge' or 'pgd', got {method!r}")
     if linf_projection not in ("ball", "sphere"):
         raise ValueError(f"linf_projection must be 'ball' or 'sphere', got {linf_projection!r}")
-    if method == "hinge" and getattr(model, "parseval", False):
+    parseval = getattr(model, "parseval", False)
+    if method == "hinge" and parseval:
         raise ValueError("a Parseval network trains with method 'standard' or 'pgd'; 'hinge' projects "
                          "the layers onto the ℓ∞ ball after every update instead")
     kwargs = {}
@@ -268,7 +271,7 @@ def train(name: str, model: nn.Module, method: str, train_data, test_data, *, ep
     else:
         opt = lambda p: torch.optim.Adam(p, lr=lr)
         loss = nn.CrossEntropyLoss()
-        if getattr(model, "parseval", False):  # after every update, not before the first (LNets)
+        if parseval:  # after every update, not before the first (LNets)
             kwargs["after_step"] = parseval_
         if method == "pgd":
             kwargs["input_transform"] = pgd_training_transform(pgd_eps, pgd_steps, pgd_step_size)
@@ -281,7 +284,7 @@ def train(name: str, model: nn.Module, method: str, train_data, test_data, *, ep
                     # Only a non-default init, Parseval steps or a validation set name the file:
                     # the names of earlier runs stay.
                     **({"init": model.init} if getattr(model, "init", "torch") != "torch" else {}),
-                    **({"parseval": True} if getattr(model, "parseval", False) else {}),
+                    **({"parseval": True} if parseval else {}),
                     **({"n_val": int(len(val_data[1]))} if val_data is not None else {}))  # fmt: skip
     if val_data is not None:
         kwargs["val_data"] = loader(val_data, 1000, shuffle=False)

@@ -185,7 +185,8 @@ class FitResult:
     the checkpoint and, beside it, as ``<checkpoint>.json``), the number of epochs done, the
     epoch the run resumed from (``None``: it started from scratch) and whether the checkpoint
     was already complete (nothing was trained). With ``val_data``: the first epoch of highest
-    validation accuracy and the model's ``state_dict`` after it (``None`` otherwise)."""
+    validation accuracy and the model's ``state_dict`` after it (``None`` otherwise; on the CPU
+    when read back from the checkpoint, else where the model trained)."""
 
     model: nn.Module
     history: dict = field(default_factory=dict)
@@ -195,6 +196,9 @@ class FitResult:
     checkpoint: Path | None = None
     best_epoch: int | None = None
     best_state: dict | None = None
+
+
+_VALIDATION_KEYS = ("val_loss", "val_acc")
 
 
 def _new_history(radii, validation: bool = False) -> dict:
@@ -210,9 +214,6 @@ def _new_history(radii, validation: bool = False) -> dict:
         "seconds",
     ) + (_VALIDATION_KEYS if validation else ())
     return {"certify_eps": list(radii), **{k: [] for k in keys}}
-
-
-_VALIDATION_KEYS = ("val_loss", "val_acc")
 
 
 def _check_config(path: Path, saved: dict, config: dict, resuming: bool) -> None:
@@ -295,7 +296,7 @@ def fit(
         CheckpointError: the checkpoint is unreadable, foreign, from another configuration
             (optimizer, schedule, radii, model) or holds more epochs than ``epochs``.
         ValueError: bad ``epochs``, ``certify_eps`` or ``max_grad_norm``; a global batch
-            smaller than the number of processes.
+            smaller than the number of processes; ``val_data`` without integer class labels.
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}")
@@ -355,7 +356,8 @@ def fit(
             raise ckpt.CheckpointError(f"checkpoint {path} does not fit this model: {err}") from err
         history, start, best = state["history"], state["epoch"], state.get("best", {})
         if start == epochs:
-            return FitResult(model, history, start, start, True, path, best.get("epoch"), best.get("model"))
+            return FitResult(model, history, start, start, True, path,
+                             best_epoch=best.get("epoch"), best_state=best.get("model"))
         rngs = state["rng"]["processes"]
         ckpt.set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
         for loader, s in zip(loaders, state["rng"]["loaders"]):
@@ -425,6 +427,13 @@ def fit(
         ev = {}
         if eval_data is not None:
             ev = evaluate(model, eval_data, loss, radii or None, certify_norm, lipschitz, device)
+        if val_data is not None:
+            val = evaluate(model, val_data, loss, device=device)
+            if val["acc"] is None:
+                raise ValueError("val_data must have integer class labels (the best epoch is chosen by accuracy)")
+            if not best or val["acc"] > best["acc"]:  # strictly: the first epoch of the best
+                weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                best = {"epoch": epoch + 1, "acc": val["acc"], "model": weights}
         for key, value in (
             ("epoch", epoch + 1),
             ("lr", lr),
@@ -438,14 +447,8 @@ def fit(
         ):
             history[key].append(value)
         if val_data is not None:
-            val = evaluate(model, val_data, loss, device=device)
-            if val["acc"] is None:
-                raise ValueError("val_data must have integer class labels (the best epoch is chosen by accuracy)")
             history["val_loss"].append(val["loss"])
             history["val_acc"].append(val["acc"])
-            if not best or val["acc"] > best["acc"]:  # strictly: the first epoch of the best
-                weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                best = {"epoch": epoch + 1, "acc": val["acc"], "model": weights}
         if metrics is not None:
             for key, value in _metrics(model, metrics).items():
                 history.setdefault(key, []).append(value)
@@ -457,7 +460,8 @@ def fit(
             tqdm.write(_summary(history, epochs))
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, history)
-    return FitResult(model, history, epochs, resumed_from, False, path, best.get("epoch"), best.get("model"))
+    return FitResult(model, history, epochs, resumed_from, False, path,
+                     best_epoch=best.get("epoch"), best_state=best.get("model"))
 
 
 def _metrics(model: nn.Module, metrics) -> dict:
