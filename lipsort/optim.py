@@ -118,32 +118,29 @@ def project_linf_(model: nn.Module, radius: float = 1.0, onto: str = "ball") -> 
     return len(layers)
 
 
-def parseval_(model: nn.Module, beta: float = 0.5) -> int:
+def parseval_(model: nn.Module) -> int:
     r"""One Björck step on every plain ``nn.Linear`` weight, in place: the Parseval retraction.
 
     The fifth linear type of Anil et al.'s MNIST comparison (cemanil/LNets
     ``fc_classification_parseval.json``: a standard layer and, after every optimizer update,
     ``per_update_proj`` of type ``l_2``, one order-1 Björck iteration at β = 1/2), after the
-    Parseval networks of Cisse et al. (2017):
+    Parseval networks of Cisse et al. (2017): :func:`lipsort.functional.bjorck` with one
+    iteration and no pre-scale,
 
-    .. math:: W \leftarrow (1 + \beta)\, W - \beta\, W W^\top W
+    .. math:: W \leftarrow \tfrac32 W - \tfrac12 W W^\top W .
 
-    (with the Gram matrix of the smaller side: the same map). Each singular value moves to
-    :math:`(1 + \beta)\sigma - \beta\sigma^3`, towards 1; at β = 1/2 that is at most 1 in
-    absolute value for every :math:`\sigma \le 2`, so a step keeps :math:`\|W\|_2 \le 1`
-    as long as no update takes a weight beyond 2. It is a retraction, not a projection: certify
-    a Parseval network with its exact bound (:func:`lipsort.certify.lipschitz_upper_bound`).
-    Parametrized ``nn.Linear`` layers are skipped.
-
-    Args:
-        model: a module holding ``nn.Linear`` layers.
-        beta: the step size β > 0 (the authors: 1/2).
+    Each singular value moves to :math:`\tfrac32\sigma - \tfrac12\sigma^3`, towards 1, and
+    at most 1 in absolute value for every :math:`\sigma \le 2`, so a step keeps
+    :math:`\|W\|_2 \le 1` as long as no update takes a singular value beyond 2. It is a
+    retraction, not a projection: certify a Parseval network with its exact bound
+    (:func:`lipsort.certify.lipschitz_upper_bound`). Parametrized ``nn.Linear`` layers are
+    skipped.
 
     Returns:
         The number of layers stepped.
 
     Raises:
-        ValueError: a non-positive or non-finite ``beta``, or no plain ``nn.Linear`` in ``model``.
+        ValueError: no plain ``nn.Linear`` in ``model``.
 
     Example:
         >>> w = torch.tensor([[2.0, 0.0], [0.0, 0.5]])  # singular values 2 and 1/2
@@ -155,15 +152,10 @@ def parseval_(model: nn.Module, beta: float = 0.5) -> int:
         >>> layer.weight.detach().diagonal().tolist()  # 1.5σ − 0.5σ³
         [-1.0, 0.6875]
     """
-    b = check_positive(beta, "beta")
     layers = plain_linears(model)
     if not layers:
         raise ValueError(f"parseval_ found no unparametrized nn.Linear in {type(model).__name__}")
     with torch.no_grad():
         for m in layers:
-            w = m.weight
-            if w.shape[0] < w.shape[1]:  # wide: (W Wᵀ) W
-                m.weight.copy_(torch.addmm(w, w @ w.mT, w, beta=1 + b, alpha=-b))
-            else:  # tall or square: W (Wᵀ W)
-                m.weight.copy_(torch.addmm(w, w, w.mT @ w, beta=1 + b, alpha=-b))
+            m.weight.copy_(F.bjorck(m.weight, n_iters=1, prescale=False))
     return len(layers)
