@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from lipsort.attacks import (
+    A8_PGD_SEARCH,
     A9_PGD,
     BCOP_PGD_MNIST,
     CertificateViolation,
@@ -16,6 +17,8 @@ from lipsort.attacks import (
     pgd,
     pgd_l2,
     pgd_linf,
+    pgd_linf_search,
+    vanishing_gradients,
 )
 from lipsort.certify import lipschitz_upper_bound
 from lipsort.data import loader
@@ -219,3 +222,142 @@ def test_torchattacks_wrappers_keep_the_models_mode(training):
     for attack in (lambda: pgd_linf(net, x, y, eps=0.1, steps=2), lambda: fgsm(net, x, y, eps=0.1)):
         attack()
         assert all(m.training == training for m in net.modules())
+
+
+# --------------------------------------------------------------------------- the ε search
+
+
+def _search_one(net, x0, y, eps, steps, rel_step, k):
+    """The authors' protocol for one input, written as foolbox 1.x runs it: ``_run_one`` at a
+    radius, the exponential then the binary search; the closest error of all runs."""
+    best = [float("inf")]
+
+    def run(e):
+        x = x0.clone()
+        for _ in range(steps):
+            x.requires_grad_(True)
+            loss = nn.functional.cross_entropy(net(x[None]), y[None])
+            (g,) = torch.autograd.grad(loss, x)
+            with torch.no_grad():
+                x = (x0 + (x + e * rel_step * g.sign() - x0).clamp(-e, e)).clamp(0, 1)
+                if int(net(x[None]).argmax(1)) != int(y):
+                    best[0] = min(best[0], float((x - x0).abs().max()))
+                    return True
+        return False
+
+    if int(net(x0[None]).argmax(1)) != int(y):
+        return 0.0
+    for _ in range(k):
+        if run(eps):
+            break
+        eps *= 1.5
+    else:
+        return best[0]
+    good, bad = eps, 0.0
+    for _ in range(k):
+        mid = (good + bad) / 2
+        good, bad = (mid, bad) if run(mid) else (good, mid)
+    return best[0]
+
+
+def test_search_follows_the_authors_protocol_sample_by_sample(relu_net):
+    """The batched search gives, for every input, what the one-input loop of foolbox gives."""
+    x, y = _test_points()
+    x, y = x[:24], y[:24]
+    y[:2] = (relu_net(x[:2]).argmax(1) + 1) % 3  # two inputs misclassified already
+    x_adv, dist = pgd_linf_search(relu_net, x, y, eps=0.3, steps=8, search_steps=3)
+    expected = [_search_one(relu_net, x[i], y[i], 0.3, 8, 0.01 / 0.3, 3) for i in range(len(x))]
+    for d, e in zip(dist.tolist(), expected):
+        assert d == pytest.approx(e, rel=1e-6, abs=1e-7) or d == e == float("inf")
+    assert dist[:2].tolist() == [0.0, 0.0] and torch.equal(x_adv[:2], x[:2])
+    found = torch.isfinite(dist) & (dist > 0)
+    assert 4 <= int(found.sum()) < len(x) - 2  # some are found, some are not: both paths run
+    # Each returned input is an error at the distance returned, inside the box.
+    assert bool((relu_net(x_adv[found]).argmax(1) != y[found]).all())
+    linf = (x_adv - x).abs().amax(1).double()
+    assert torch.allclose(linf[found], dist[found]) and 0 <= float(x_adv.min()) <= float(x_adv.max()) <= 1
+    assert A8_PGD_SEARCH == {"eps": 0.3, "steps": 20, "rel_step": 0.01 / 0.3, "search_steps": 5}
+
+
+def test_search_distance_on_a_linear_model():
+    """Two classes with logits (a·x + b, 0): sign steps against a cut the margin by α‖a‖₁ each,
+    so the error closest to x lies at t = (a·x + b)/‖a‖₁. The search never finds one closer,
+    and with 5 bisections and steps of ε/30 it finds one within about 6% of t."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(16, generator=g, dtype=torch.float64)
+    net = nn.Linear(16, 2).double()
+    with torch.no_grad():  # the boundary a·(x − ½) = 0 passes through the centre of the box
+        net.weight.copy_(torch.stack([a, torch.zeros_like(a)]))
+        net.bias.copy_(torch.tensor([-0.5 * float(a.sum()), 0.0]))
+    x = 0.45 + 0.1 * torch.rand(64, 16, generator=g, dtype=torch.float64)
+    t = 0.02 + 0.16 * torch.rand(64, generator=g, dtype=torch.float64)
+    # Moved along sign(a) to the distance t; the attack then moves at most ~t back, inside the box.
+    x += (t - (x - 0.5) @ a / a.abs().sum())[:, None] * a.sign()
+    assert float(x.min()) >= 0.2 and float(x.max()) <= 0.8
+    y = torch.zeros(64, dtype=torch.long)
+    x_adv, dist = pgd_linf_search(net, x, y)
+    assert bool(torch.isfinite(dist).all())
+    assert bool((dist >= t * (1 - 1e-9)).all()), float((dist / t).min())
+    assert bool((dist <= 1.06 * t + 1e-3).all()), float((dist / t).max())
+
+
+def test_search_never_beats_the_certificate_and_catches_a_wrong_constant(linf_net):
+    x, y = _test_points()
+    grid = [0.0, 0.1, 0.2, 0.3]
+    report = assert_no_attack_inside_certificate(linf_net, x, y, norm="linf", eps=grid, steps=10,
+                                                 per_point_steps=0, search=A8_PGD_SEARCH)
+    radius, dist = report["radius"], report["search_dist"]
+    certified = radius > 0
+    assert int(certified.sum()) > 80 and bool((dist[certified] >= radius[certified] * (1 - 1e-3)).all())
+    assert all(c <= s for c, s in zip(report["certified_acc"], report["search_acc"]))
+    assert report["search_acc"][0] == pytest.approx(report["certified_acc"][0])
+    assert report["search_acc"][-1] < report["search_acc"][0]  # the search does find errors
+    lip = float(lipschitz_upper_bound(linf_net, "linf"))
+    with pytest.raises(CertificateViolation, match="ε search"):  # only the search attacks here
+        assert_no_attack_inside_certificate(linf_net, x, y, lipschitz=lip / 2, norm="linf",
+                                            per_point_steps=0, search=A8_PGD_SEARCH)
+    with pytest.raises(ValueError, match="search is an ℓ∞ attack"):
+        assert_no_attack_inside_certificate(linf_net, x, y, norm="l2", search=A8_PGD_SEARCH)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_search_inputs_and_modes(training):
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3)).train(training)
+    with torch.no_grad():  # constant logits: class 0 wins everywhere
+        net[1].weight.zero_()
+        net[1].bias.copy_(torch.tensor([1.0, 0.0, 0.0]))
+    x, y = torch.rand(5, 1, 2, 2), torch.tensor([0, 0, 1, 0, 2])
+    x_adv, dist = pgd_linf_search(net, x, y, steps=3, search_steps=2)
+    assert dist.tolist() == [float("inf"), float("inf"), 0.0, float("inf"), 0.0]
+    assert torch.equal(x_adv, x) and x_adv.shape == x.shape
+    assert all(m.training == training for m in net.modules())
+    for kwargs, message in (({"eps": 0.0}, "eps and rel_step must be positive"),
+                            ({"rel_step": -1.0}, "rel_step must be a finite non-negative"),
+                            ({"steps": 0}, "steps must be a positive integer"),
+                            ({"search_steps": 0}, "steps must be a positive integer")):
+        with pytest.raises(ValueError, match=message):
+            pgd_linf_search(net, x, y, **kwargs)
+    with pytest.raises(ValueError, match=r"pixel inputs in \[0, 1\]"):
+        pgd_linf_search(net, x + 1, y)
+
+
+def test_vanishing_gradients_blind_the_search_at_any_radius():
+    """Logits (s(x₁ − ½), −s(x₁ − ½)) with s = 300: the gap 2s|x₁ − ½| passes float32's ~104
+    at |x₁ − ½| ≈ 0.17. Beyond, the cross-entropy gradient is exactly zero and the search never
+    moves, although the boundary is at most 0.4 away; below, it finds the boundary."""
+    net = nn.Linear(2, 2)
+    with torch.no_grad():
+        net.weight.copy_(torch.tensor([[300.0, 0.0], [-300.0, 0.0]]))
+        net.bias.copy_(torch.tensor([-150.0, 150.0]))
+    x1 = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.55, 0.1, 0.2, 0.4])
+    x, y = torch.stack([x1, torch.full_like(x1, 0.5)], 1), (x1 < 0.5).long()
+    gap = 600 * (x1 - 0.5).abs()
+    vanishing = vanishing_gradients(net, x, y)
+    assert vanishing.tolist() == (gap > 110).tolist() and bool(vanishing.any() and not vanishing.all())
+    _, dist = pgd_linf_search(net, x, y)
+    assert bool(torch.isinf(dist[vanishing]).all())
+    assert bool(torch.isfinite(dist[~vanishing]).all())
+    assert bool((dist[~vanishing] >= (x1[~vanishing] - 0.5).abs().double()).all())
+    # In float64 exp(−gap) no longer underflows at these gaps: every point is found.
+    _, dist64 = pgd_linf_search(net.double(), x.double(), y)
+    assert not bool(vanishing_gradients(net, x.double(), y).any()) and bool(torch.isfinite(dist64).all())

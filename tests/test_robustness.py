@@ -205,15 +205,27 @@ def test_robust_results_of_one_data_set_and_the_stacked_table():
         net[0].weight.copy_(torch.tensor([[0.5, 0.5], [0.2, -0.1]]))  # second row inside the ball
     runs = {name: SimpleNamespace(model=net, history={"epoch": [1], "eval_acc": [0.7]})
             for name in ("maxmin_linf", "relu_linf", "relu")}
-    rows = [{"model": m, "eps": e, "clean": 0.9, "certified": c, "attack": a, "L": 2.0}
-            for m, pts in {"maxmin_linf": [(0.6, 0.8), (0.2, 0.5)], "relu_linf": [(0.5, 0.5), (0.1, 0.3)],
-                           "relu": [(0.0, 0.4), (0.0, 0.1)]}.items()
-            for e, (c, a) in zip((0.1, 0.3), pts)]
+    # (certified, attack, search) at ε = 0.1 and 0.3; the attacks' smallest gap is 0.1, the
+    # search's 0.03 (MaxMin at 0.3).
+    rows = [{"model": m, "eps": e, "clean": 0.9, "certified": c, "attack": a, "search": f,
+             "vanishing": 0.2 if m == "maxmin_linf" else 0.0, "L": 2.0}
+            for m, pts in {"maxmin_linf": [(0.6, 0.8, 0.9), (0.2, 0.5, 0.23)],
+                           "relu_linf": [(0.5, 0.6, 0.7), (0.1, 0.3, 0.4)],
+                           "relu": [(0.0, 0.4, 0.5), (0.0, 0.1, 0.2)]}.items()
+            for e, (c, a, f) in zip((0.1, 0.3), pts)]
     curves = pd.DataFrame(rows)
     out = xr.robust_results("fashion", runs, curves)
     assert out["fashion.attack0.3.maxmin_minus_relu_linf"] == pytest.approx(0.2)
-    assert out["fashion.min_attack_minus_certified"] == pytest.approx(0.0)
+    assert out["fashion.min_attack_minus_certified"] == pytest.approx(0.03)
+    assert out["fashion.maxmin_linf.eps0.3.search"] == 0.23
+    assert out["fashion.maxmin_linf.vanishing_gradient"] == 0.2
+    assert out["fashion.min_search_minus_vanishing"] == pytest.approx(0.03)  # MaxMin at 0.3
     assert out["fashion.relu.eps0.1.attack"] == 0.4 and out["fashion.relu_linf.lipschitz"] == 2.0
+    # Without the search (its column NaN) neither its keys nor its gap.
+    no_search = xr.robust_results("fashion", runs, curves.assign(search=float("nan")))
+    assert no_search["fashion.min_attack_minus_certified"] == pytest.approx(0.1)
+    assert not any(k.endswith(".search") for k in no_search)
+    assert "fashion.min_search_minus_vanishing" not in no_search
     assert out["fashion.maxmin_linf.rows_inside_ball"] == pytest.approx(0.5)
     assert "fashion.relu.rows_inside_ball" not in out and out["fashion.relu.test_acc.e001"] == 0.7
     # Without both hinge nets there is no MaxMin-minus-ReLU difference.
@@ -222,6 +234,7 @@ def test_robust_results_of_one_data_set_and_the_stacked_table():
     table = xr.curve_table({"MNIST": curves, "Fashion-MNIST": curves[curves.model == "relu"]})
     assert list(table.index.names) == ["data set", "eps"] and len(table) == 4
     assert table.loc[("MNIST", 0.3), ("attack", "maxmin_linf")] == 0.5
+    assert table.loc[("MNIST", 0.3), ("search", "maxmin_linf")] == 0.23
 
 
 def test_rows_inside_ball_counts_rows_strictly_inside_after_the_projection():

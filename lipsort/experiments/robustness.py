@@ -22,9 +22,11 @@ import torch
 from torch import nn
 
 from ..attacks import (
+    A8_PGD_SEARCH,
     CertificateViolation,
     assert_no_attack_inside_certificate,
     pgd_training_transform,
+    vanishing_gradients,
 )
 from ..book.curves import curve_key
 from ..certify import certified_radius, lipschitz_upper_bound
@@ -372,15 +374,19 @@ def robust_models(names) -> dict:
     return {n: ROBUST_MODELS[n] for n in names}
 
 
-def robustness_curves(models: dict, test_data, eps_grid, n_eval: int, steps: int = 40, per_point_steps: int = 100):
+def robustness_curves(models: dict, test_data, eps_grid, n_eval: int, steps: int = 40, per_point_steps: int = 100,
+                      search: dict | None = A8_PGD_SEARCH):
     r"""Clean, certified and attack accuracy over ``eps_grid`` (ℓ∞, pixels in [0, 1]).
 
     Clean accuracy is over the whole ``test_data``; certified accuracy (margin
-    :math:`> 2L\varepsilon`, ``L`` the exact ℓ∞ bound) and attack accuracy (correct and not
-    flipped by torchattacks PGD, FGSM nor :func:`lipsort.attacks.pgd`, ``steps`` steps) over its
-    first ``n_eval`` images, by :func:`assert_no_attack_inside_certificate`, which raises if an
-    attack flips a certified point. Returns a long ``DataFrame`` (model, eps, clean, certified,
-    attack).
+    :math:`> 2L\varepsilon`, ``L`` the exact ℓ∞ bound), attack accuracy (correct and not
+    flipped by torchattacks PGD, FGSM nor :func:`lipsort.attacks.pgd`, ``steps`` steps) and
+    the accuracy under the authors' attack (:func:`lipsort.attacks.pgd_linf_search` with
+    ``search``: no error found within ε) over its first ``n_eval`` images, by
+    :func:`assert_no_attack_inside_certificate`, which raises if an attack flips a certified
+    point. Returns a long ``DataFrame`` (model, eps, clean, certified, attack, search, and
+    ``vanishing``: the fraction of those images whose cross-entropy gradient is exactly zero,
+    :func:`lipsort.attacks.vanishing_gradients`, which the search cannot move).
     """
     import pandas as pd
 
@@ -390,10 +396,12 @@ def robustness_curves(models: dict, test_data, eps_grid, n_eval: int, steps: int
         clean = evaluate(net, [(x, y)])["acc"]
         rep = assert_no_attack_inside_certificate(net, x[:n_eval], y[:n_eval], norm="linf",
                                                   eps=list(eps_grid), steps=steps,
-                                                  per_point_steps=per_point_steps)
-        for e, c, a in zip(rep["eps"], rep["certified_acc"], rep["attack_acc"]):
+                                                  per_point_steps=per_point_steps, search=search)
+        found = rep.get("search_acc", [float("nan")] * len(rep["eps"]))
+        vanishing = float(vanishing_gradients(net, x[:n_eval], y[:n_eval]).to(F64).mean())
+        for e, c, a, f in zip(rep["eps"], rep["certified_acc"], rep["attack_acc"], found):
             rows.append({"model": name, "eps": e, "clean": clean, "certified": c, "attack": a,
-                         "L": rep["lipschitz"]})
+                         "search": f, "vanishing": vanishing, "L": rep["lipschitz"]})
     return pd.DataFrame(rows)
 
 
@@ -409,16 +417,18 @@ def curve_table(curves_by_dataset: dict):
     certified and attack accuracy of each network in columns."""
     import pandas as pd
 
-    return pd.concat({title: df.pivot(index="eps", columns="model", values=["certified", "attack"])
+    return pd.concat({title: df.pivot(index="eps", columns="model", values=["certified", "attack", "search"])
                       for title, df in curves_by_dataset.items()}, names=["data set"])
 
 
 def robust_results(prefix: str, runs: dict, curves) -> dict:
     """The result keys of one data set's A8/A9 networks: their curves (:func:`curve_results`),
-    clean accuracy and exact ℓ∞ bound, certified and attack accuracy at ε = 0.1 and 0.3, the
+    clean accuracy and exact ℓ∞ bound, certified, attack and search accuracy at ε = 0.1 and 0.3, the
     fraction of rows strictly inside the ℓ1 ball of each hinge net, MaxMin's attack advantage
-    over ReLU at ε = 0.3 when both hinge nets ran, and the smallest attack-minus-certified gap
-    (never negative: :func:`robustness_curves` raises first). ``curves`` is
+    over ReLU at ε = 0.3 when both hinge nets ran, the smallest gap between either attack's
+    accuracy and the certified one (never negative: :func:`robustness_curves` raises first),
+    each net's fraction of vanishing cross-entropy gradients and the smallest gap between the
+    search's accuracy and that fraction (never negative either). ``curves`` is
     :func:`robustness_curves` of ``runs``' models."""
     out = curve_results(prefix, runs)
     for name, run in runs.items():
@@ -427,13 +437,20 @@ def robust_results(prefix: str, runs: dict, curves) -> dict:
     for r in curves[curves.eps.isin([0.1, 0.3])].itertuples():
         key = f"{prefix}.{r.model}.eps{r.eps:g}"
         out[f"{key}.certified"], out[f"{key}.attack"] = float(r.certified), float(r.attack)
+        if r.search == r.search:  # not NaN: the search ran
+            out[f"{key}.search"] = float(r.search)
     if {"maxmin_linf", "relu_linf"} <= set(runs) and (curves.eps == 0.3).any():
         out[f"{prefix}.attack0.3.maxmin_minus_relu_linf"] = (
             out[f"{prefix}.maxmin_linf.eps0.3.attack"] - out[f"{prefix}.relu_linf.eps0.3.attack"])
     for name, part in curves.groupby("model"):
         out[f"{prefix}.{name}.clean"] = float(part.clean.iloc[0])
+        out[f"{prefix}.{name}.vanishing_gradient"] = float(part.vanishing.iloc[0])
         out[f"{prefix}.{name}.lipschitz"] = float(part.L.iloc[0])
-    out[f"{prefix}.min_attack_minus_certified"] = float((curves.attack - curves.certified).min())
+    searched = curves.search.notna().all()
+    upper = curves[["attack", "search"]].min(axis=1) if searched else curves.attack
+    out[f"{prefix}.min_attack_minus_certified"] = float((upper - curves.certified).min())
+    if searched:
+        out[f"{prefix}.min_search_minus_vanishing"] = float((curves.search - curves.vanishing).min())
     return out
 
 
@@ -456,22 +473,30 @@ def plot_training(runs_by_dataset: dict):
 
 
 def plot_curves(curves_by_dataset: dict):
-    """One panel per dataset: certified (solid; only for nets that certify something at ε > 0)
-    and attack (dashed) accuracy against ε."""
+    """One panel per dataset: certified (solid; only for nets that certify something at ε > 0),
+    attack (dashed) and, where it ran, the authors' search attack (dotted) accuracy against ε;
+    a colour per network."""
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     fig, axes = plt.subplots(1, len(curves_by_dataset), figsize=(5.2 * len(curves_by_dataset), 3.8),
                              squeeze=False)
     colors = dict(zip(ROBUST_MODELS, ("C0", "C1", "C2", "C3")))
+    drawn = {}
     for ax, (title, df) in zip(axes[0], curves_by_dataset.items()):
         for name, part in df.groupby("model", sort=False):
-            c = colors.get(name, "k")
-            ax.plot(part.eps, part.attack, "--o", ms=3, color=c, label=f"{ROBUST_LABELS.get(name, name)}: attack")
+            c = drawn[name] = colors.get(name, "k")
+            ax.plot(part.eps, part.attack, "--o", ms=3, color=c)
+            if part.search.notna().any():
+                ax.plot(part.eps, part.search, ":^", ms=3, color=c)
             if part[part.eps > 0].certified.max() > 0:  # else only the clean point
-                ax.plot(part.eps, part.certified, "-", color=c, label=f"{ROBUST_LABELS.get(name, name)}: certified")
-        ax.axvline(0.3, color="grey", lw=0.6, ls=":")
+                ax.plot(part.eps, part.certified, "-", color=c)
+        ax.axvline(0.3, color="grey", lw=0.6)
         ax.set(title=title, xlabel="ε (ℓ∞, pixels in [0, 1])", ylabel="accuracy", ylim=(-0.02, 1.02))
-    axes[0][-1].legend(fontsize=7, loc="upper right")
+    nets = [Line2D([], [], color=c, lw=2, label=ROBUST_LABELS.get(n, n)) for n, c in drawn.items()]
+    styles = [Line2D([], [], color="k", ls=ls, marker=m, ms=3, label=label) for ls, m, label in
+              (("-", "", "certified"), ("--", "o", "attack"), (":", "^", "authors' attack"))]
+    axes[0][-1].legend(handles=nets + styles, fontsize=7, loc="upper right", handlelength=3)
     fig.tight_layout()
     return fig
 
