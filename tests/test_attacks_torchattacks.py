@@ -361,3 +361,35 @@ def test_vanishing_gradients_blind_the_search_at_any_radius():
     # In float64 exp(−gap) no longer underflows at these gaps: every point is found.
     _, dist64 = pgd_linf_search(net.double(), x.double(), y)
     assert not bool(vanishing_gradients(net, x.double(), y).any()) and bool(torch.isfinite(dist64).all())
+
+
+def test_search_tries_the_authors_radii_and_keeps_the_closest_error(monkeypatch):
+    """The control flow alone, with each run replaced by a script: sample 0 is broken at radii
+    of at least 0.2, at distance 0.2 in its first run and just inside the radius afterwards
+    (so its last success is not its closest); sample 1 at radii of at least 0.5."""
+    import lipsort.attacks.search as search
+
+    tried = {0: [], 1: []}
+
+    def scripted(g, x0, y, eps, alpha, steps):
+        ids = x0[:, 0].long().tolist()  # the sample's id rides in its first pixel
+        dist = []
+        for i, r in zip(ids, eps.tolist()):
+            tried[i].append(round(r, 6))  # the radius comes in the inputs' float32
+            assert alpha.tolist()[len(dist)] == pytest.approx(r / 30)
+            ok = r >= (0.2 if i == 0 else 0.5)
+            dist.append((0.2 if len(tried[i]) == 1 else 0.99 * r) if ok else float("inf"))
+        return x0.clone(), torch.tensor(dist, dtype=torch.float64)
+
+    monkeypatch.setattr(search, "_first_errors", scripted)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(2, 2))
+    with torch.no_grad():  # always class 0: every input is correct at first
+        net[1].weight.zero_()
+        net[1].bias.copy_(torch.tensor([1.0, 0.0]))
+    x, y = torch.tensor([[0.0, 0.5], [1.0, 0.5]]), torch.tensor([0, 0])
+    _, dist = pgd_linf_search(net, x, y)
+    assert tried[0] == [0.3, 0.15, 0.225, 0.1875, 0.20625, 0.196875]
+    assert tried[1][:3] == [0.3, 0.45, 0.675] and len(tried[1]) == 8  # grown twice, then bisected
+    assert tried[1][3:] == [0.3375, 0.50625, 0.421875, 0.464063, 0.485156]
+    assert dist[0] == 0.2  # the first success, not the last one (0.99 · 0.20625)
+    assert dist[1] == pytest.approx(0.99 * 0.50625)
