@@ -273,3 +273,13 @@ def test_parseval_net_is_retracted_after_every_update(tmp_path):
     with pytest.raises(ValueError, match="a Parseval network trains with method 'standard' or 'pgd'"):
         xr.train("x", xr.build("relu", "parseval", 8), "hinge", data, data, epochs=1, batch_size=8,
                  lr=1e-3, milestones=[])
+
+
+def test_attacked_images_are_the_test_or_the_held_out_ones():
+    val, test = ("val",), ("test",)
+    assert xr.attacked_images("test", val, test) is test and xr.attacked_images("test", None, test) is test
+    assert xr.attacked_images("validation", val, test) is val
+    with pytest.raises(ValueError, match="needs held-out training images: set n_val"):
+        xr.attacked_images("validation", None, test)
+    with pytest.raises(ValueError, match="attack_split must be 'test' or 'validation', got 'train'"):
+        xr.attacked_images("train", val, test)

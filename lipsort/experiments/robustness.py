@@ -10,7 +10,8 @@ r"""Book glue for chapter 05 (provable robustness on MNIST and Fashion-MNIST: A6
 3. :func:`a6_table` and :func:`robustness_curves`: accuracy, certified accuracy and attack
    accuracy; every model goes through
    :func:`lipsort.attacks.assert_no_attack_inside_certificate`. :func:`plot_curves` draws them.
-4. :func:`undead_rates`, :func:`input_gradient_norms` and their plots (A10).
+4. :func:`undead_rates`, :func:`input_gradient_norms` and their plots (A10; in
+   :mod:`lipsort.experiments.undead_units`, re-exported here).
 """
 
 from __future__ import annotations
@@ -34,6 +35,14 @@ from ..losses import MarginLoss
 from ..models import mlp
 from ..optim import AggMo, parseval_, plain_linears, project_linf_
 from ..training import Schedule, evaluate, fit
+from .undead_units import (
+    A10_NETS,
+    a10_results,
+    input_gradient_norms,
+    plot_gradient_norms,
+    plot_undead,
+    undead_rates,
+)
 
 __all__ = [
     "A10_NETS",
@@ -42,6 +51,7 @@ __all__ = [
     "a10_results",
     "a6_results",
     "a6_table",
+    "attacked_images",
     "curve_results",
     "curve_table",
     "build",
@@ -72,9 +82,6 @@ ROBUST_MODELS = {
     "relu": ("relu", "standard"),  # A9
     "relu_pgd": ("relu", "pgd"),  # A9
 }
-#: The A10 networks, a subset of the A6 ones: label -> (activation, linear constraint).
-A10_NETS = {"ReLU, standard": ("relu", None), "ReLU, Björck": ("relu", "bjorck"),
-            "GroupSort, Björck": ("groupsort", "bjorck")}
 ROBUST_LABELS = {"maxmin_linf": "MaxMin, ℓ∞ + hinge (A8)", "relu_linf": "ReLU, ℓ∞ + hinge",
                  "relu": "ReLU, standard (A9)", "relu_pgd": "ReLU, PGD-trained (A9)"}
 
@@ -374,6 +381,19 @@ def robust_models(names) -> dict:
     return {n: ROBUST_MODELS[n] for n in names}
 
 
+def attacked_images(split: str, val_data, test_data):
+    """The images the A8/A9 curves certify and attack: ``"test"``, or ``"validation"`` (the
+    authors' choice: the images :func:`load_split` held out, which ``n_val = 0`` leaves none of)."""
+    if split == "test":
+        return test_data
+    if split != "validation":
+        raise ValueError(f"attack_split must be 'test' or 'validation', got {split!r}")
+    if val_data is None:
+        raise ValueError("attack_split = 'validation' needs held-out training images: set n_val to a "
+                         "positive number, or to None for all of them")
+    return val_data
+
+
 def robustness_curves(models: dict, test_data, eps_grid, n_eval: int, steps: int = 40, per_point_steps: int = 100,
                       search: dict | None = A8_PGD_SEARCH):
     r"""Clean, certified and attack accuracy over ``eps_grid`` (ℓ∞, pixels in [0, 1]).
@@ -497,86 +517,6 @@ def plot_curves(curves_by_dataset: dict):
     styles = [Line2D([], [], color="k", ls=ls, marker=m, ms=3, label=label) for ls, m, label in
               (("-", "", "certified"), ("--", "o", "attack"), (":", "^", "authors' attack"))]
     axes[0][-1].legend(handles=nets + styles, fontsize=7, loc="upper right", handlelength=3)
-    fig.tight_layout()
-    return fig
-
-
-# ---------------------------------------------------------------------------------------------
-# 4. A10: undead units and gradient norms.
-
-
-def _hidden_activations(model: nn.Sequential, x: torch.Tensor) -> list[torch.Tensor]:
-    """Outputs of every activation module (ReLU, MaxMin, GroupSort), as LNets' get_activations."""
-    outs, h = [], x
-    with torch.no_grad():
-        for m in model:
-            h = m(h)
-            if not isinstance(m, (nn.Linear, nn.Flatten)) and type(m).__name__ != "Scale":
-                outs.append(h)
-    return outs
-
-
-def undead_rates(model: nn.Module, x: torch.Tensor, thresholds) -> torch.Tensor:
-    r"""Per layer and threshold ``t``: the fraction of units whose output is > 0 on at least a
-    fraction ``t`` of the inputs ``x`` (LNets ``check_undead.py``). Shape ``(len(t), layers)``."""
-    model.eval()
-    rates = [(a > 0).to(F64).mean(0) for a in _hidden_activations(model, x)]
-    t = torch.as_tensor(thresholds, dtype=F64)
-    return torch.stack([(r[None, :] >= t[:, None]).to(F64).mean(1) for r in rates], dim=1)
-
-
-def a10_results(undead: dict, grads: dict, thresholds) -> dict:
-    """The ledger's A10 numbers for the :data:`A10_NETS` trained: the mean fraction of units on for
-    at least 90% of the inputs, the mean gradient norm, and their differences between networks."""
-    keys = {name: f"{act}.{con or 'standard'}" for name, (act, con) in A10_NETS.items()}
-    i90 = int((thresholds >= 0.9).nonzero()[0])
-    out = {}
-    for name, key in keys.items():
-        if name in undead:
-            out[f"a10.undead_t0.9.{key}"] = float(undead[name][i90].mean())
-            out[f"a10.gradnorm_mean.{key}"] = float(grads[name].mean())
-    if {"GroupSort, Björck", "ReLU, Björck"} <= undead.keys():
-        out["a10.gradnorm.groupsort_minus_relu.bjorck"] = (
-            out["a10.gradnorm_mean.groupsort.bjorck"] - out["a10.gradnorm_mean.relu.bjorck"])
-    if {"ReLU, Björck", "ReLU, standard"} <= undead.keys():
-        out["a10.undead_t0.9.bjorck_minus_standard.relu"] = (
-            out["a10.undead_t0.9.relu.bjorck"] - out["a10.undead_t0.9.relu.standard"])
-    return out
-
-
-def plot_undead(rates: dict, thresholds):
-    """Mean over layers of :func:`undead_rates` against ``t``, one line per network."""
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.2, 3.6))
-    for name, r in rates.items():
-        ax.plot(thresholds, r.mean(1).numpy(), label=name)
-    ax.set(xlabel="t (fraction of test inputs)", ylabel="fraction of units active on ≥ t", ylim=(-0.02, 1.02))
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def input_gradient_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    r""":math:`\|\nabla_x f_y(x)\|_2` per input: the gradient of the true class's logit."""
-    model.eval()
-    x = x.detach().clone().requires_grad_(True)
-    with torch.enable_grad():
-        (g,) = torch.autograd.grad(model(x).gather(1, y[:, None]).sum(), x)
-    return g.flatten(1).norm(dim=1).detach()
-
-
-def plot_gradient_norms(norms: dict):
-    """Histograms of :func:`input_gradient_norms`, one per network."""
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.2, 3.6))
-    hi = max(float(v.max()) for v in norms.values())
-    bins = torch.linspace(0, hi * 1.02, 60).numpy()
-    for name, v in norms.items():
-        ax.hist(v.numpy(), bins=bins, alpha=0.6, label=name)
-    ax.set(xlabel="‖∇ₓ f_y(x)‖₂", ylabel="test inputs")
-    ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
