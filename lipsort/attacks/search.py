@@ -7,7 +7,16 @@ import torch
 import torch.nn.functional as nnf
 from torch import Tensor
 
-from ._common import _bcast, _check_eps, _check_pixels, _check_steps, _flat_norm, _PixelModel
+from ._common import (
+    _bcast,
+    _check_eps,
+    _check_pixels,
+    _check_steps,
+    _eval_mode,
+    _flat_norm,
+    _PixelModel,
+)
+from .pgd import _project
 
 __all__ = ["A8_PGD_SEARCH", "pgd_linf_search", "vanishing_gradients"]
 
@@ -24,7 +33,7 @@ def _first_errors(g, x0: Tensor, y: Tensor, eps: Tensor, alpha: Tensor, steps: i
     dist = torch.full((len(x0),), float("inf"), dtype=torch.float64, device=x0.device)
     found = x0.clone()
     idx = torch.arange(len(x0), device=x0.device)
-    x, e, a, ys, xs = x0, _bcast(eps, x0), _bcast(alpha, x0), y, x0
+    x, e, a, ys, xs = x0, eps, _bcast(alpha, x0), y, x0
     for t in range(steps + 1):
         # The logits of an iterate both say whether it is an error and, if not, give the
         # gradient of the next step: one forward per step.
@@ -47,7 +56,7 @@ def _first_errors(g, x0: Tensor, y: Tensor, eps: Tensor, alpha: Tensor, steps: i
         with torch.no_grad():
             grad = grad if keep is None else grad[keep]
             step = x + a * grad.sign()
-            x = (xs + torch.maximum(torch.minimum(step - xs, e), -e)).clamp(0.0, 1.0)
+            x = (xs + _project(step - xs, e, "linf")).clamp(0.0, 1.0)
     return found, dist
 
 
@@ -94,9 +103,7 @@ def pgd_linf_search(model, x, y, eps: float = 0.3, steps: int = 20, rel_step: fl
     steps, search_steps = _check_steps(steps), _check_steps(search_steps)
     g = _PixelModel(model, x.shape[1:], normalization, x)
     flat = x.detach().reshape(len(x), -1)
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
+    with _eval_mode(model):
         with torch.no_grad():
             wrong = g(flat).argmax(1) != y
         x_adv = flat.clone()
@@ -127,9 +134,6 @@ def pgd_linf_search(model, x, y, eps: float = 0.3, steps: int = 20, rel_step: fl
             ok = run(idx, mid)
             good[idx] = torch.where(ok, mid, good[idx])
             bad[idx] = torch.where(ok, bad[idx], mid)
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
     return x_adv.reshape(x.shape), dist
 
 
@@ -154,13 +158,7 @@ def vanishing_gradients(model, x, y, normalization=None) -> Tensor:
     """
     _check_pixels(x, y)
     g = _PixelModel(model, x.shape[1:], normalization, x)
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.enable_grad():
-            u = x.detach().reshape(len(x), -1).requires_grad_(True)
-            (grad,) = torch.autograd.grad(nnf.cross_entropy(g(u), y, reduction="sum"), u)
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
+    with _eval_mode(model), torch.enable_grad():
+        u = x.detach().reshape(len(x), -1).requires_grad_(True)
+        (grad,) = torch.autograd.grad(nnf.cross_entropy(g(u), y, reduction="sum"), u)
     return (grad == 0).all(dim=1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ._common import _check_eps, _check_pixels, _check_steps, _PixelModel
+from ._common import _check_eps, _check_pixels, _check_steps, _eval_mode, _PixelModel
 
 __all__ = ["A9_PGD", "BCOP_PGD_MNIST", "fgsm", "pgd_l2", "pgd_linf"]
 
@@ -27,12 +27,8 @@ def _torchattack(cls_name: str, model, x, y, normalization, **kwargs) -> Tensor:
     flat = x.detach().reshape(x.shape[0], 1, 1, -1)
     # torchattacks puts the model in eval mode and leaves it there or in training mode
     # depending on its version: restore every module's own flag.
-    modes = {m: m.training for m in model.modules()}
-    try:
+    with _eval_mode(model):
         return attack(flat, y).reshape(x.shape).detach()
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
 
 
 def pgd_linf(model, x, y, eps: float = 0.3, steps: int = 40, step_size: float = 0.01,
