@@ -75,6 +75,9 @@ static int omp_get_num_threads(void) { return 1; }
 #endif
 
 #define GRAIN 16384 /* pairs per thread below which one thread does the work */
+/* Inputs, outputs and masks never overlap: without the promise the compiler versions each row's
+   loop for aliasing (the keep bytes may alias anything), which measured 2-4x slower here. */
+#define RS __restrict
 
 static int team(int64_t pairs, int threads) {
     int64_t chunks = pairs / GRAIN;
@@ -93,31 +96,32 @@ static int team(int64_t pairs, int threads) {
     }
 
 #define DEFINE(T, SFX)                                                                       \
-static void fwd_##SFX(const T *x, T *y, uint8_t *keep, int64_t o0, int64_t o1, int64_t inner) { \
+static void fwd_##SFX(const T *RS x, T *RS y, uint8_t *RS keep, int64_t o0, int64_t o1,        \
+                      int64_t inner) {                                                       \
     if (inner == 1) {                                                                        \
         for (int64_t p = o0; p < o1; ++p) {                                                  \
             T u = x[2 * p], v = x[2 * p + 1];                                                \
-            int ge = u >= v, nan = (u != u) | (v != v);                                      \
-            y[2 * p] = nan ? u + v : (ge ? u : v);                                           \
-            y[2 * p + 1] = nan ? u + v : (ge ? v : u);                                       \
+            int ge = u >= v;                                                                 \
+            y[2 * p] = ge | (u != u) ? u : v;                                                \
+            y[2 * p + 1] = ge | (v != v) ? v : u;                                            \
             keep[p] = (uint8_t)ge;                                                           \
         }                                                                                    \
         return;                                                                              \
     }                                                                                        \
     for (int64_t o = o0; o < o1; ++o) {                                                      \
-        const T *a = x + 2 * o * inner, *b = a + inner;                                      \
-        T *hi = y + 2 * o * inner, *lo = hi + inner;                                         \
-        uint8_t *k = keep + o * inner;                                                       \
+        const T *RS a = x + 2 * o * inner, *RS b = a + inner;                                \
+        T *RS hi = y + 2 * o * inner, *RS lo = hi + inner;                                   \
+        uint8_t *RS k = keep + o * inner;                                                    \
         for (int64_t i = 0; i < inner; ++i) {                                                \
             T u = a[i], v = b[i];                                                            \
-            int ge = u >= v, nan = (u != u) | (v != v);                                      \
-            hi[i] = nan ? u + v : (ge ? u : v);                                              \
-            lo[i] = nan ? u + v : (ge ? v : u);                                              \
+            int ge = u >= v;                                                                 \
+            hi[i] = ge | (u != u) ? u : v;                                                   \
+            lo[i] = ge | (v != v) ? v : u;                                                   \
             k[i] = (uint8_t)ge;                                                              \
         }                                                                                    \
     }                                                                                        \
 }                                                                                            \
-static void bwd_##SFX(const T *g, const uint8_t *keep, T *out, int64_t o0, int64_t o1,      \
+static void bwd_##SFX(const T *RS g, const uint8_t *RS keep, T *RS out, int64_t o0, int64_t o1, \
                       int64_t inner) {                                                       \
     if (inner == 1) {                                                                        \
         for (int64_t p = o0; p < o1; ++p) {                                                  \
@@ -129,9 +133,9 @@ static void bwd_##SFX(const T *g, const uint8_t *keep, T *out, int64_t o0, int64
         return;                                                                              \
     }                                                                                        \
     for (int64_t o = o0; o < o1; ++o) {                                                      \
-        const T *gh = g + 2 * o * inner, *gl = gh + inner;                                   \
-        T *ga = out + 2 * o * inner, *gb = ga + inner;                                       \
-        const uint8_t *k = keep + o * inner;                                                 \
+        const T *RS gh = g + 2 * o * inner, *RS gl = gh + inner;                             \
+        T *RS ga = out + 2 * o * inner, *RS gb = ga + inner;                                 \
+        const uint8_t *RS k = keep + o * inner;                                              \
         for (int64_t i = 0; i < inner; ++i) {                                                \
             T h = gh[i], l = gl[i];                                                          \
             int s = k[i] != 0;                                                               \
@@ -155,7 +159,8 @@ void lipsort_cx_backward_##SFX(const T *g, const uint8_t *keep, T *out, int64_t 
    computed entry by entry, bit for bit, and is exactly symmetric or skew. */
 #define TILE 32
 #define DEFINE_T(T, SFX)                                                                     \
-void lipsort_tadd_##SFX(const T *a, T *out, int64_t batch, int64_t d, T sign, int threads) { \
+void lipsort_tadd_##SFX(const T *RS a, T *RS out, int64_t batch, int64_t d, T sign,          \
+                        int threads) {                                                       \
     int64_t tiles = (d + TILE - 1) / TILE, jobs = batch * tiles * tiles;                     \
     int nt = team(batch * d * d / 2, threads);                                               \
     _Pragma("omp parallel for num_threads(nt) if(nt > 1) schedule(static)")                 \
@@ -184,7 +189,7 @@ void lipsort_tadd_##SFX(const T *a, T *out, int64_t batch, int64_t d, T sign, in
         for (; n < stop; ++n, ++i) { __VA_ARGS__ }                                           \
     }
 #define DEFINE_S4(T, SFX)                                                                    \
-static void gs4_fwd_##SFX(const T *x, T *y, uint8_t *code, int64_t n0, int64_t n1,          \
+static void gs4_fwd_##SFX(const T *RS x, T *RS y, uint8_t *RS code, int64_t n0, int64_t n1, \
                           int64_t inner) {                                                   \
     GROUPS(                                                                                  \
         const T *a = x + 4 * o * inner + i;                                                  \
@@ -200,8 +205,8 @@ static void gs4_fwd_##SFX(const T *x, T *y, uint8_t *code, int64_t n0, int64_t n
         code[n] = (uint8_t)(1 << 2 * r1 | 2 << 2 * r2 | 3 << 2 * r3);                        \
     )                                                                                        \
 }                                                                                            \
-static void gs4_bwd_##SFX(const T *g, const uint8_t *code, T *out, int64_t n0, int64_t n1,  \
-                          int64_t inner) {                                                   \
+static void gs4_bwd_##SFX(const T *RS g, const uint8_t *RS code, T *RS out, int64_t n0,      \
+                          int64_t n1, int64_t inner) {                                       \
     GROUPS(                                                                                  \
         const T *a = g + 4 * o * inner + i;                                                  \
         T *b = out + 4 * o * inner + i;                                                      \
