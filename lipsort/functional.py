@@ -205,7 +205,8 @@ class _Fused(torch.autograd.Function):
             return (_native.route if pairs else _native.route4)(grad.contiguous(), saved, p), None
         g = grad.reshape(p.grouped_shape)  # double backward, batched, zero or lazy tensors
         if pairs:
-            return _route(g, p.gdim, ((0, 1),), (saved,)).reshape(grad.shape), None
+            keep = saved.reshape(p.grouped_shape).select(p.gdim, 0) if p.entrywise else saved
+            return _route(g, p.gdim, ((0, 1),), (keep,)).reshape(grad.shape), None
         shifts = torch.arange(0, 8, 2, dtype=torch.uint8, device=saved.device)
         src = (saved.unsqueeze(p.gdim) >> shifts.view((4,) + (1,) * (saved.dim() - p.gdim))) & 3
         return torch.zeros_like(g).scatter(p.gdim, src.long().expand_as(g), g).reshape(grad.shape), None
@@ -287,7 +288,8 @@ def max_min(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
     The paper's MaxMin: GroupSort with groups of two. It keeps the number of units (unlike a
     channel-doubling "MaxMin" that concatenates ``max(x, 0)`` and ``min(x, 0)``).
     Ties route each gradient to exactly one output, so the Jacobian is a permutation even there
-    (also under ``torch.func`` transforms); backward keeps one bool per pair.
+    (also under ``torch.func`` transforms); backward keeps one bool per pair (per entry for
+    CPU feature maps of fewer than 64 pixels).
 
     Example:
         >>> max_min(torch.tensor([[1., 3., -2., -5.]]))

@@ -48,7 +48,10 @@ CASES = [
     ((256, 1024), 1),  # an MLP batch: adjacent pairs, split over threads
     ((7, 6), 1),
     ((3, 10), -1),
-    ((64, 8, 5, 5), 1),  # images: pairs of channels, rows of 25 pixels
+    ((64, 8, 5, 5), 1),  # images: pairs of channels, rows of 25 pixels (entry-wise loops)
+    ((40, 6, 7, 7), 1),  # rows of 49 pixels, several blocks of rows per call
+    ((3, 2, 2, 1), 1),  # one row of 2 pixels: only the first and last rows' loop
+    ((5, 4, 8, 8), 1),  # rows of 64 pixels: the row loop
     ((2, 4, 3, 6), 3),
     ((2, 4, 3, 6), 0),
     ((0, 6), 1),
@@ -81,8 +84,9 @@ def test_fused_max_min_is_a_permutation_of_each_pair_at_ties_and_propagates_nan(
     assert gx.tolist() == [[1.0, 2.0, 4.0, 3.0, 6.0, 5.0, 8.0, 7.0, 9.0, 10.0]] == ref_gx.tolist()
 
 
-def test_fused_max_min_does_not_depend_on_the_thread_count():
-    x = torch.randn(64, 4096, generator=torch.Generator().manual_seed(3))
+@pytest.mark.parametrize("shape", [(64, 4096), (128, 64, 7, 7), (32, 64, 16, 16)])
+def test_fused_max_min_does_not_depend_on_the_thread_count(shape):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(3)).round(decimals=1)
     grad = torch.randn_like(x)
     outs = []
     before = torch.get_num_threads()
@@ -97,8 +101,9 @@ def test_fused_max_min_does_not_depend_on_the_thread_count():
     assert all(torch.equal(a, b) for o in outs[1:] for a, b in zip(o, outs[0]))
 
 
-def test_fused_path_gradchecks_and_double_backward():
-    x = torch.randn(3, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+@pytest.mark.parametrize("shape", [(3, 8), (3, 4, 2, 3)])  # adjacent pairs, short rows
+def test_fused_path_gradchecks_and_double_backward(shape):
+    x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     assert torch.autograd.gradcheck(F.max_min, (x.requires_grad_(),), check_batched_grad=True)
     assert torch.autograd.gradgradcheck(F.max_min, (x,))
     with torch.autograd.forward_ad.dual_level():
