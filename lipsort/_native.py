@@ -170,6 +170,22 @@ void lipsort_cx_backward_##SFX(const T *g, const uint8_t *keep, T *out, int64_t 
     }                                                                                        \
 }
 
+/* The short loops' pattern for a block of rows, half[j] = 1 in the first half of each row; returns
+   the block's length in rows (at most 512 entries). */
+static int64_t short_block(uint8_t *half, int64_t inner) {
+    int64_t period = 2 * inner, block = 512 / period;
+    for (int64_t j = 0; j < block * period; ++j) half[j] = j % period < inner;
+    return block;
+}
+
+/* The rows one pass of a short loop takes from row r (of its thread's r..r1): the first and last
+   rows of the tensor alone (*edge), middle rows in blocks that stop before the last. */
+static int64_t short_rows(int64_t r, int64_t r1, int64_t outer, int64_t block, int *edge) {
+    int64_t end = r1 < outer - 1 ? r1 : outer - 1;
+    *edge = r == 0 || r == outer - 1;
+    return *edge ? 1 : block < end - r ? block : end - r;
+}
+
 /* Short rows (1 < inner < SHORT, feature maps of a few pixels): a row loop would run a few
    entries per row, too few for the vectorizer, so this loop walks whole blocks of rows entry by
    entry. Entry e of row r meets its partner e + inner (in the first half, a pattern byte of 1)
@@ -179,14 +195,11 @@ void lipsort_cx_backward_##SFX(const T *g, const uint8_t *keep, T *out, int64_t 
 #define DEFINE_SHORT(T, SFX)                                                                 \
 static void fwds_##SFX(const T *RS x, T *RS y, uint8_t *RS keep, int64_t r0, int64_t r1,     \
                        int64_t inner, int64_t outer) {                                       \
-    int64_t period = 2 * inner, block = 512 / period;                                        \
     uint8_t half[512];                                                                       \
-    for (int64_t j = 0; j < block * period; ++j) half[j] = j % period < inner;               \
+    int64_t period = 2 * inner, block = short_block(half, inner);                            \
     for (int64_t r = r0; r < r1;) {                                                          \
-        /* the first and last rows alone, middle rows in blocks that stop before the last */ \
-        int edge = r == 0 || r == outer - 1;                                                 \
-        int64_t end = r1 < outer - 1 ? r1 : outer - 1;                                       \
-        int64_t rows = edge ? 1 : block < end - r ? block : end - r;                         \
+        int edge;                                                                            \
+        int64_t rows = short_rows(r, r1, outer, block, &edge);                               \
         const T *RS xs = x + r * period;                                                     \
         T *RS ys = y + r * period;                                                           \
         uint8_t *RS ks = keep + r * period;                                                  \
@@ -212,14 +225,11 @@ static void fwds_##SFX(const T *RS x, T *RS y, uint8_t *RS keep, int64_t r0, int
 }                                                                                            \
 static void bwds_##SFX(const T *RS g, const uint8_t *RS keep, T *RS out, int64_t r0, int64_t r1,\
                        int64_t inner, int64_t outer) {                                       \
-    int64_t period = 2 * inner, block = 512 / period;                                        \
     uint8_t half[512];                                                                       \
-    for (int64_t j = 0; j < block * period; ++j) half[j] = j % period < inner;               \
+    int64_t period = 2 * inner, block = short_block(half, inner);                            \
     for (int64_t r = r0; r < r1;) {                                                          \
-        /* the first and last rows alone, middle rows in blocks that stop before the last */ \
-        int edge = r == 0 || r == outer - 1;                                                 \
-        int64_t end = r1 < outer - 1 ? r1 : outer - 1;                                       \
-        int64_t rows = edge ? 1 : block < end - r ? block : end - r;                         \
+        int edge;                                                                            \
+        int64_t rows = short_rows(r, r1, outer, block, &edge);                               \
         const T *RS gs = g + r * period;                                                     \
         T *RS os = out + r * period;                                                         \
         const uint8_t *RS ks = keep + r * period;                                            \
