@@ -186,6 +186,18 @@ static int64_t short_rows(int64_t r, int64_t r1, int64_t outer, int64_t block, i
     return *edge ? 1 : block < end - r ? block : end - r;
 }
 
+/* The body once per pass of a short loop over rows r0..r1, with the pass's `edge`, `rows` and
+   `at`, the offset of its first entry, in scope (and `half`, `period`). */
+#define SHORT_PASSES(...)                                                                    \
+    uint8_t half[512];                                                                       \
+    int64_t period = 2 * inner, block = short_block(half, inner);                            \
+    for (int64_t r = r0, rows; r < r1; r += rows) {                                          \
+        int edge;                                                                            \
+        rows = short_rows(r, r1, outer, block, &edge);                                       \
+        int64_t at = r * period;                                                             \
+        __VA_ARGS__                                                                          \
+    }
+
 /* Short rows (1 < inner < SHORT, feature maps of a few pixels): a row loop would run a few
    entries per row, too few for the vectorizer, so this loop walks whole blocks of rows entry by
    entry. Entry e of row r meets its partner e + inner (in the first half, a pattern byte of 1)
@@ -195,14 +207,10 @@ static int64_t short_rows(int64_t r, int64_t r1, int64_t outer, int64_t block, i
 #define DEFINE_SHORT(T, SFX)                                                                 \
 static void fwds_##SFX(const T *RS x, T *RS y, uint8_t *RS keep, int64_t r0, int64_t r1,     \
                        int64_t inner, int64_t outer) {                                       \
-    uint8_t half[512];                                                                       \
-    int64_t period = 2 * inner, block = short_block(half, inner);                            \
-    for (int64_t r = r0; r < r1;) {                                                          \
-        int edge;                                                                            \
-        int64_t rows = short_rows(r, r1, outer, block, &edge);                               \
-        const T *RS xs = x + r * period;                                                     \
-        T *RS ys = y + r * period;                                                           \
-        uint8_t *RS ks = keep + r * period;                                                  \
+    SHORT_PASSES(                                                                            \
+        const T *RS xs = x + at;                                                             \
+        T *RS ys = y + at;                                                                   \
+        uint8_t *RS ks = keep + at;                                                          \
         if (edge) {                                                                          \
             for (int64_t j = 0; j < period; ++j) {                                           \
                 T w = xs[j], p = j < inner ? xs[j + inner] : xs[j - inner];                  \
@@ -220,19 +228,14 @@ static void fwds_##SFX(const T *RS x, T *RS y, uint8_t *RS keep, int64_t r0, int
                 ks[j] = (uint8_t)c;                                                          \
             }                                                                                \
         }                                                                                    \
-        r += rows;                                                                           \
-    }                                                                                        \
+    )                                                                                        \
 }                                                                                            \
 static void bwds_##SFX(const T *RS g, const uint8_t *RS keep, T *RS out, int64_t r0, int64_t r1,\
                        int64_t inner, int64_t outer) {                                       \
-    uint8_t half[512];                                                                       \
-    int64_t period = 2 * inner, block = short_block(half, inner);                            \
-    for (int64_t r = r0; r < r1;) {                                                          \
-        int edge;                                                                            \
-        int64_t rows = short_rows(r, r1, outer, block, &edge);                               \
-        const T *RS gs = g + r * period;                                                     \
-        T *RS os = out + r * period;                                                         \
-        const uint8_t *RS ks = keep + r * period;                                            \
+    SHORT_PASSES(                                                                            \
+        const T *RS gs = g + at;                                                             \
+        T *RS os = out + at;                                                                 \
+        const uint8_t *RS ks = keep + at;                                                    \
         if (edge) {                                                                          \
             for (int64_t j = 0; j < period; ++j)                                             \
                 os[j] = ks[j] ? gs[j] : j < inner ? gs[j + inner] : gs[j - inner];           \
@@ -243,8 +246,7 @@ static void bwds_##SFX(const T *RS g, const uint8_t *RS keep, T *RS out, int64_t
                 os[j] = ks[j] ? gs[j] : p;                                                   \
             }                                                                                \
         }                                                                                    \
-        r += rows;                                                                           \
-    }                                                                                        \
+    )                                                                                        \
 }
 
 /* out = a + sign * a^T for each of `batch` contiguous d x d matrices, by 32 x 32 tiles so that
