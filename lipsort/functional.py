@@ -205,7 +205,7 @@ class _Fused(torch.autograd.Function):
             return (_native.route if pairs else _native.route4)(grad.contiguous(), saved, p), None
         g = grad.reshape(p.grouped_shape)  # double backward, batched, zero or lazy tensors
         if pairs:
-            keep = saved.reshape(p.grouped_shape).select(p.gdim, 0) if p.entrywise else saved
+            keep = _native.pair_keep(saved, p)
             return _route(g, p.gdim, ((0, 1),), (keep,)).reshape(grad.shape), None
         shifts = torch.arange(0, 8, 2, dtype=torch.uint8, device=saved.device)
         src = (saved.unsqueeze(p.gdim) >> shifts.view((4,) + (1,) * (saved.dim() - p.gdim))) & 3
