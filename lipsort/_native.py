@@ -83,6 +83,22 @@ static int omp_get_thread_num(void) { return 0; }
 static int omp_get_num_threads(void) { return 1; }
 #endif
 
+/* c ? a : b through the bits, without a branch: the compiler turned the ternary on floats into
+   a jump in its scalar code (the tail of a row past its last whole vector, the edge rows), and
+   a random compare mispredicts half the time. */
+#include <string.h>
+#define DEFINE_PICK(T, U, SFX)                                                               \
+static inline T pick_##SFX(int c, T a, T b) {                                                \
+    U ua, ub, m = (U)0 - (U)(c != 0);                                                        \
+    memcpy(&ua, &a, sizeof ua);                                                              \
+    memcpy(&ub, &b, sizeof ub);                                                              \
+    ua = (ua & m) | (ub & ~m);                                                               \
+    memcpy(&a, &ua, sizeof a);                                                               \
+    return a;                                                                                \
+}
+DEFINE_PICK(float, uint32_t, f32)
+DEFINE_PICK(double, uint64_t, f64)
+
 #define GRAIN 16384 /* pairs per thread below which one thread does the work */
 /* Inputs, outputs and masks never overlap: without the promise the compiler guards each row's
    loop with overlap checks (the keep bytes may alias anything); with the old NaN rule that
@@ -105,6 +121,18 @@ static int team(int64_t pairs, int threads) {
         CALL;                                                                                \
     }
 
+/* The body once per entry i of a row of inner >= SHORT entries, in whole vectors of SHORT
+   (64 bytes of mask) only: the last one starts at inner - SHORT, overlapping the one before,
+   whose entries it computes again to the same values. A scalar tail of up to 63 entries cost
+   more than the rest of the row: rows of 90 entries took 4x as long as rows of 96. */
+#define ROW(...)                                                                             \
+    {                                                                                        \
+        int64_t full = inner - inner % SHORT;                                                \
+        for (int64_t i = 0; i < full; ++i) { __VA_ARGS__ }                                   \
+        if (full < inner)                                                                    \
+            for (int64_t i = inner - SHORT; i < inner; ++i) { __VA_ARGS__ }                  \
+    }
+
 #define DEFINE(T, SFX)                                                                       \
 static void fwd_##SFX(const T *RS x, T *RS y, uint8_t *RS keep, int64_t o0, int64_t o1,        \
                       int64_t inner) {                                                       \
@@ -112,8 +140,8 @@ static void fwd_##SFX(const T *RS x, T *RS y, uint8_t *RS keep, int64_t o0, int6
         for (int64_t p = o0; p < o1; ++p) {                                                  \
             T u = x[2 * p], v = x[2 * p + 1];                                                \
             int ge = u >= v;                                                                 \
-            y[2 * p] = ge | (u != u) ? u : v;                                                \
-            y[2 * p + 1] = ge | (v != v) ? v : u;                                            \
+            y[2 * p] = pick_##SFX(ge | (u != u), u, v);                                      \
+            y[2 * p + 1] = pick_##SFX(ge | (v != v), v, u);                                  \
             keep[p] = (uint8_t)ge;                                                           \
         }                                                                                    \
         return;                                                                              \
@@ -122,13 +150,13 @@ static void fwd_##SFX(const T *RS x, T *RS y, uint8_t *RS keep, int64_t o0, int6
         const T *RS a = x + 2 * o * inner, *RS b = a + inner;                                \
         T *RS hi = y + 2 * o * inner, *RS lo = hi + inner;                                   \
         uint8_t *RS k = keep + o * inner;                                                    \
-        for (int64_t i = 0; i < inner; ++i) {                                                \
+        ROW(                                                                                 \
             T u = a[i], v = b[i];                                                            \
             int ge = u >= v;                                                                 \
-            hi[i] = ge | (u != u) ? u : v;                                                   \
-            lo[i] = ge | (v != v) ? v : u;                                                   \
+            hi[i] = pick_##SFX(ge | (u != u), u, v);                                         \
+            lo[i] = pick_##SFX(ge | (v != v), v, u);                                         \
             k[i] = (uint8_t)ge;                                                              \
-        }                                                                                    \
+        )                                                                                    \
     }                                                                                        \
 }                                                                                            \
 static void bwd_##SFX(const T *RS g, const uint8_t *RS keep, T *RS out, int64_t o0, int64_t o1, \
@@ -137,8 +165,8 @@ static void bwd_##SFX(const T *RS g, const uint8_t *RS keep, T *RS out, int64_t 
         for (int64_t p = o0; p < o1; ++p) {                                                  \
             T h = g[2 * p], l = g[2 * p + 1];                                                \
             int s = keep[p] != 0;                                                            \
-            out[2 * p] = s ? h : l;                                                          \
-            out[2 * p + 1] = s ? l : h;                                                      \
+            out[2 * p] = pick_##SFX(s, h, l);                                                \
+            out[2 * p + 1] = pick_##SFX(s, l, h);                                            \
         }                                                                                    \
         return;                                                                              \
     }                                                                                        \
@@ -146,12 +174,12 @@ static void bwd_##SFX(const T *RS g, const uint8_t *RS keep, T *RS out, int64_t 
         const T *RS gh = g + 2 * o * inner, *RS gl = gh + inner;                             \
         T *RS ga = out + 2 * o * inner, *RS gb = ga + inner;                                 \
         const uint8_t *RS k = keep + o * inner;                                              \
-        for (int64_t i = 0; i < inner; ++i) {                                                \
+        ROW(                                                                                 \
             T h = gh[i], l = gl[i];                                                          \
             int s = k[i] != 0;                                                               \
-            ga[i] = s ? h : l;                                                               \
-            gb[i] = s ? l : h;                                                               \
-        }                                                                                    \
+            ga[i] = pick_##SFX(s, h, l);                                                     \
+            gb[i] = pick_##SFX(s, l, h);                                                     \
+        )                                                                                    \
     }                                                                                        \
 }                                                                                            \
 void lipsort_cx_forward_##SFX(const T *x, T *y, uint8_t *keep, int64_t outer, int64_t inner, \
@@ -172,10 +200,14 @@ void lipsort_cx_backward_##SFX(const T *g, const uint8_t *keep, T *out, int64_t 
 }
 
 /* The short loops' pattern for a block of rows, half[j] = 1 in the first half of each row; returns
-   the block's length in rows (at most 512 entries). */
+   the block's length in rows: whole vectors of SHORT entries (a multiple of lcm(2 inner, SHORT)
+   entries, at most 4032), so that only a thread's last block has a scalar tail. */
 static int64_t short_block(uint8_t *half, int64_t inner) {
-    int64_t period = 2 * inner, block = 512 / period;
-    for (int64_t j = 0; j < block * period; ++j) half[j] = j % period < inner;
+    int64_t period = 2 * inner, span = period;
+    while (span % SHORT) span += period;
+    int64_t block = span / period * (2048 / span > 1 ? 2048 / span : 1);
+    for (int64_t r = 0; r < block; ++r)
+        for (int64_t k = 0; k < period; ++k) half[r * period + k] = k < inner;
     return block;
 }
 
@@ -190,7 +222,7 @@ static int64_t short_rows(int64_t r, int64_t r1, int64_t outer, int64_t block, i
 /* The body once per pass of a short loop over rows r0..r1, with the pass's `edge`, `rows` and
    `at`, the offset of its first entry, in scope (and `half`, `period`). */
 #define SHORT_PASSES(...)                                                                    \
-    uint8_t half[512];                                                                       \
+    uint8_t half[4096];                                                                      \
     int64_t period = 2 * inner, block = short_block(half, inner);                            \
     for (int64_t r = r0, rows; r < r1; r += rows) {                                          \
         int edge;                                                                            \
@@ -216,16 +248,16 @@ static void fwds_##SFX(const T *RS x, T *RS y, uint8_t *RS keep, int64_t r0, int
             for (int64_t j = 0; j < period; ++j) {                                           \
                 T w = xs[j], p = j < inner ? xs[j + inner] : xs[j - inner];                  \
                 int c = j < inner ? w >= p : p >= w;                                         \
-                ys[j] = c | (w != w) ? w : p;                                                \
+                ys[j] = pick_##SFX(c | (w != w), w, p);                                      \
                 ks[j] = (uint8_t)c;                                                          \
             }                                                                                \
         } else {                                                                             \
             for (int64_t j = 0; j < rows * period; ++j) {                                    \
                 int first = half[j];                                                         \
                 T w = xs[j], up = xs[j + inner], down = xs[j - inner];                       \
-                T p = first ? up : down;                                                     \
+                T p = pick_##SFX(first, up, down);                                           \
                 int c = (first & (w >= p)) | (!first & (p >= w));                            \
-                ys[j] = c | (w != w) ? w : p;                                                \
+                ys[j] = pick_##SFX(c | (w != w), w, p);                                      \
                 ks[j] = (uint8_t)c;                                                          \
             }                                                                                \
         }                                                                                    \
@@ -238,13 +270,15 @@ static void bwds_##SFX(const T *RS g, const uint8_t *RS keep, T *RS out, int64_t
         T *RS os = out + at;                                                                 \
         const uint8_t *RS ks = keep + at;                                                    \
         if (edge) {                                                                          \
-            for (int64_t j = 0; j < period; ++j)                                             \
-                os[j] = ks[j] ? gs[j] : j < inner ? gs[j + inner] : gs[j - inner];           \
+            for (int64_t j = 0; j < period; ++j) {                                           \
+                T p = j < inner ? gs[j + inner] : gs[j - inner];                             \
+                os[j] = pick_##SFX(ks[j], gs[j], p);                                         \
+            }                                                                                \
         } else {                                                                             \
             for (int64_t j = 0; j < rows * period; ++j) {                                    \
                 T up = gs[j + inner], down = gs[j - inner];                                  \
-                T p = half[j] ? up : down;                                                   \
-                os[j] = ks[j] ? gs[j] : p;                                                   \
+                T p = pick_##SFX(half[j], up, down);                                         \
+                os[j] = pick_##SFX(ks[j], gs[j], p);                                         \
             }                                                                                \
         }                                                                                    \
     )                                                                                        \

@@ -52,6 +52,9 @@ CASES = [
     ((40, 6, 7, 7), 1),  # rows of 49 pixels, several blocks of rows per call
     ((3, 2, 2, 1), 1),  # one row of 2 pixels: only the first and last rows' loop
     ((5, 4, 8, 8), 1),  # rows of 64 pixels: the row loop
+    ((6, 4, 9, 10), 1),  # rows of 90: a last vector that overlaps the one before
+    ((3, 4, 13, 5), 1),  # rows of 65: the last vector redoes all but one entry
+    ((33, 4, 4, 4), 1),  # rows of 16: whole blocks of rows, then a shorter one
     ((2, 4, 3, 6), 3),
     ((2, 4, 3, 6), 0),
     ((0, 6), 1),
@@ -84,7 +87,18 @@ def test_fused_max_min_is_a_permutation_of_each_pair_at_ties_and_propagates_nan(
     assert gx.tolist() == [[1.0, 2.0, 4.0, 3.0, 6.0, 5.0, 8.0, 7.0, 9.0, 10.0]] == ref_gx.tolist()
 
 
-@pytest.mark.parametrize("shape", [(64, 4096), (128, 64, 7, 7), (32, 64, 16, 16)])
+@pytest.mark.parametrize("shape", [(4, 6, 9, 10), (40, 6, 7, 7), (9, 8)])  # rows, blocks, pairs
+def test_fused_max_min_propagates_nan_in_every_loop(shape, torch_path):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(shape, generator=g).round(decimals=1)
+    x[torch.rand(shape, generator=g) < 0.05] = float("nan")
+    grad = torch.randn(shape, generator=g)
+    (out, gx), (ref_out, ref_gx) = _both(x, 1, grad, torch_path)
+    assert out.isnan().any() and torch.equal(out.isnan(), ref_out.isnan())
+    assert torch.equal(out.nan_to_num(), ref_out.nan_to_num()) and torch.equal(gx, ref_gx)
+
+
+@pytest.mark.parametrize("shape", [(64, 4096), (128, 64, 7, 7), (32, 64, 16, 16), (16, 64, 9, 10)])
 def test_fused_max_min_does_not_depend_on_the_thread_count(shape):
     x = torch.randn(shape, generator=torch.Generator().manual_seed(3)).round(decimals=1)
     grad = torch.randn_like(x)

@@ -71,7 +71,8 @@ def bench_groupsort(cfg: Config, deel, notes: list[str]) -> list[Row]:
     cases = (
         [((8, 32), 2), ((8, 32), 4), ((2, 8, 4, 4), 2)]
         if cfg.tiny
-        else [((256, 1024), 2), ((256, 1024), 4), ((64, 128, 16, 16), 2), ((128, 64, 7, 7), 2)]
+        else [((256, 1024), 2), ((256, 1024), 4), ((64, 128, 16, 16), 2), ((128, 64, 7, 7), 2),
+              ((128, 32, 28, 28), 2)]  # the last two: Li et al.'s MNIST feature maps
     )
     return [row for shape, g in cases for row in _groupsort_case(cfg, deel, shape, g)]
 
