@@ -83,9 +83,8 @@ static int omp_get_thread_num(void) { return 0; }
 static int omp_get_num_threads(void) { return 1; }
 #endif
 
-/* c ? a : b through the bits, without a branch: the compiler turned the ternary on floats into
-   a jump in its scalar code (the tail of a row past its last whole vector, the edge rows), and
-   a random compare mispredicts half the time. */
+/* c ? a : b on the bits: as a ternary on floats the compiler's scalar code (edge rows, a
+   thread's last block) jumps, and a random comparison mispredicts half the time. */
 #include <string.h>
 #define DEFINE_PICK(T, U, SFX)                                                               \
 static inline T pick_##SFX(int c, T a, T b) {                                                \
