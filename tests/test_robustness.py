@@ -139,16 +139,18 @@ def test_undead_rates_by_hand():
         net[1].bias.copy_(-torch.arange(4) / 4)
     x = torch.zeros(100, 1, 28, 28)
     x[:, 0, 0, 0] = (torch.arange(100) + 0.5) / 100
-    rates = xr.undead_rates(net, x, [0.0, 0.5, 0.76, 1.0])
+    rates = xr.undead_rates(net.train(), x, [0.0, 0.5, 0.76, 1.0])
     # units are active on fractions 1, 0.75, 0.5, 0.25 of the inputs
     assert rates[:, 0].tolist() == [1.0, 0.75, 0.25, 0.25]
+    assert all(m.training for m in net.modules())  # the caller's mode, back
 
 
 def test_input_gradient_norm_of_a_linear_net():
     net = xr.build("relu", None, 4, depth=0)  # Flatten then one Linear: the gradient is a row
     x, y = _data(5)
     expected = net[1].weight[y].norm(dim=1)
-    torch.testing.assert_close(xr.input_gradient_norms(net, x, y), expected.detach())
+    torch.testing.assert_close(xr.input_gradient_norms(net.train(), x, y), expected.detach())
+    assert all(m.training for m in net.modules())
 
 
 def test_robust_models_keeps_the_order_asked_and_names_unknown_ones():

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..attacks._common import _eval_mode
+
 F64 = torch.float64
 #: The A10 networks, a subset of the A6 ones: label -> (activation, linear constraint).
 A10_NETS = {"ReLU, standard": ("relu", None), "ReLU, Björck": ("relu", "bjorck"),
@@ -33,9 +35,10 @@ def _hidden_activations(model: nn.Sequential, x: torch.Tensor) -> list[torch.Ten
 
 def undead_rates(model: nn.Module, x: torch.Tensor, thresholds) -> torch.Tensor:
     r"""Per layer and threshold ``t``: the fraction of units whose output is > 0 on at least a
-    fraction ``t`` of the inputs ``x`` (LNets ``check_undead.py``). Shape ``(len(t), layers)``."""
-    model.eval()
-    rates = [(a > 0).to(F64).mean(0) for a in _hidden_activations(model, x)]
+    fraction ``t`` of the inputs ``x`` (LNets ``check_undead.py``), in eval mode (each module's
+    mode restored after). Shape ``(len(t), layers)``."""
+    with _eval_mode(model):
+        rates = [(a > 0).to(F64).mean(0) for a in _hidden_activations(model, x)]
     t = torch.as_tensor(thresholds, dtype=F64)
     return torch.stack([(r[None, :] >= t[:, None]).to(F64).mean(1) for r in rates], dim=1)
 
@@ -73,10 +76,10 @@ def plot_undead(rates: dict, thresholds):
 
 
 def input_gradient_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    r""":math:`\|\nabla_x f_y(x)\|_2` per input: the gradient of the true class's logit."""
-    model.eval()
+    r""":math:`\|\nabla_x f_y(x)\|_2` per input: the gradient of the true class's logit, in
+    eval mode (each module's mode restored after)."""
     x = x.detach().clone().requires_grad_(True)
-    with torch.enable_grad():
+    with _eval_mode(model), torch.enable_grad():
         (g,) = torch.autograd.grad(model(x).gather(1, y[:, None]).sum(), x)
     return g.flatten(1).norm(dim=1).detach()
 
