@@ -234,9 +234,15 @@ def test_robust_results_of_one_data_set_and_the_stacked_table():
     assert "fashion.attack0.3.maxmin_minus_relu_linf" not in xr.robust_results(
         "fashion", {"relu": runs["relu"]}, curves[curves.model == "relu"])
     table = xr.curve_table({"MNIST": curves, "Fashion-MNIST": curves[curves.model == "relu"]})
-    assert list(table.index.names) == ["data set", "eps"] and len(table) == 4
-    assert table.loc[("MNIST", 0.3), ("attack", "maxmin_linf")] == 0.5
-    assert table.loc[("MNIST", 0.3), ("search", "maxmin_linf")] == 0.23
+    assert list(table.index.names) == ["data set", "model", "measure"]
+    assert table.loc[("MNIST", "maxmin_linf", "attack"), 0.3] == 0.5
+    assert table.loc[("MNIST", "maxmin_linf", "search"), 0.3] == 0.23
+    assert list(table.loc["MNIST"].loc["maxmin_linf"].index) == ["certified", "attack", "search"]
+    assert list(dict.fromkeys(table.loc["MNIST"].index.get_level_values("model"))) == list(
+        dict.fromkeys(curves.model))  # the curves' order, not the alphabet's
+    assert list(table.columns) == sorted(set(curves.eps))
+    no_search = xr.curve_table({"MNIST": curves.assign(search=float("nan"))})
+    assert "search" not in no_search.index.get_level_values("measure")
 
 
 def test_rows_inside_ball_counts_rows_strictly_inside_after_the_projection():

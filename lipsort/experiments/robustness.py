@@ -432,13 +432,22 @@ def curve_results(prefix: str, runs: dict) -> dict:
             for name, run in runs.items() for e, acc in zip(run.history["epoch"], run.history["eval_acc"])}
 
 
+MEASURES = ("certified", "attack", "search")
+
+
 def curve_table(curves_by_dataset: dict):
-    """:func:`robustness_curves` of each data set as one table: a row per (data set, ε), the
-    certified and attack accuracy of each network in columns."""
+    """:func:`robustness_curves` of each data set as one table: a row per (data set, network in
+    the order of the curves, measure: certified, attack or the authors' search, lower bound
+    first; a measure that did not run is left out), a column per ε."""
     import pandas as pd
 
-    return pd.concat({title: df.pivot(index="eps", columns="model", values=["certified", "attack", "search"])
-                      for title, df in curves_by_dataset.items()}, names=["data set"])
+    def table(df):
+        long = df.melt(id_vars=["model", "eps"], value_vars=list(MEASURES), var_name="measure")
+        wide = long.pivot(index=["model", "measure"], columns="eps", values="value").dropna(how="all")
+        order = {"model": dict.fromkeys(df.model), "measure": dict.fromkeys(MEASURES)}
+        return wide.sort_index(key=lambda level: level.map(list(order[level.name]).index))
+
+    return pd.concat({title: table(df) for title, df in curves_by_dataset.items()}, names=["data set"])
 
 
 def robust_results(prefix: str, runs: dict, curves) -> dict:
