@@ -123,7 +123,7 @@ static int team(int64_t pairs, int threads) {
 /* The body once per entry i of a row of inner >= SHORT entries, in whole vectors of SHORT
    (64 bytes of mask) only: the last one starts at inner - SHORT, overlapping the one before,
    whose entries it computes again to the same values. A scalar tail of up to 63 entries cost
-   more than the rest of the row: rows of 90 entries took 4x as long as rows of 96. */
+   more than the rest of the row: rows of 90 entries took 8x as long as rows of 96. */
 #define ROW(...)                                                                             \
     {                                                                                        \
         int64_t full = inner - inner % SHORT;                                                \
