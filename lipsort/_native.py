@@ -37,6 +37,8 @@ wheels), the loops run on torch's thread count in the same thread pool; elsewher
 one thread rather than load a second OpenMP runtime. Without a compiler, or with
 ``LIPSORT_NATIVE=0`` at import, :func:`plan` returns None, :func:`plus_transpose` computes the
 PyTorch expression, and the callers keep their PyTorch path (a warning says why, once).
+MaxMin and GroupSort(4) call the loops through a C++ autograd operator where one can be built
+(:mod:`lipsort._native_op`), else through a Python Function.
 """
 
 from __future__ import annotations
@@ -44,13 +46,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import hashlib
 import math
 import os
-import shlex
-import shutil
 import subprocess
-import tempfile
 import threading
 import warnings
 from collections.abc import Callable
@@ -59,8 +57,7 @@ from typing import NamedTuple
 
 import torch
 
-from .data import cache_root
-from .runtime import cpu_name
+from ._build import compiler, cpu_key, load_cached, torch_gomp
 
 __all__ = [
     "ENABLED", "Plan", "kernels", "plan", "compare_exchange", "route", "disabled", "plus_transpose",
@@ -381,26 +378,6 @@ _lock = threading.Lock()
 _state: dict = {}
 
 
-def _cpu() -> str:
-    """The CPU model and its feature flags (``-march=native`` code runs only where both match)."""
-    try:
-        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
-    except OSError:
-        flags = ""
-    return f"{cpu_name()}\n{flags}"
-
-
-def _torch_gomp() -> bool:
-    """Whether this process runs GNU OpenMP under the soname ``libgomp.so.1`` (torch's Linux
-    wheels), which a gcc-built ``-fopenmp`` library then shares instead of loading a second
-    OpenMP runtime beside torch's (two runtimes can abort or oversubscribe the cores)."""
-    try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError:
-        return False
-    return any(line.endswith("/libgomp.so.1") for line in maps.splitlines())
-
-
 def _compile(cc: list[str], src: Path, out: Path, openmp: bool) -> None:
     threads = ["-fopenmp"] if openmp else []
     for tuning in (_TUNING, _TUNING[:1], []):  # the first set this compiler accepts
@@ -413,37 +390,17 @@ def _compile(cc: list[str], src: Path, out: Path, openmp: bool) -> None:
 
 def _build() -> dict:
     """Compile (once per machine) and load the kernels, ``{dtype: (forward, backward,
-    transpose_add)}``;
-    raises OSError with the reason."""
-    cc = shlex.split(os.environ.get("CC") or "cc")
-    exe = shutil.which(cc[0]) if cc else None
-    if exe is None:
-        raise OSError(f"no C compiler found (tried {os.environ.get('CC') or 'cc'!r}; set $CC)")
-    cc[0] = exe
-    version = subprocess.run([*cc, "--version"], capture_output=True, text=True).stdout
-    openmp = _torch_gomp() and "Free Software Foundation" in version  # gcc links libgomp.so.1
-    key = hashlib.sha256("\0".join([_SOURCE, *cc, version, *_FLAGS, *_TUNING, str(openmp), _cpu()]).encode())
-    target = cache_root() / "native" / f"compare_exchange-{key.hexdigest()[:16]}.so"
-    for attempt in range(2):
-        if not target.exists():
-            target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-                src = Path(tmp) / "compare_exchange.c"
-                src.write_text(_SOURCE)
-                out = Path(tmp) / target.name
-                _compile(cc, src, out, openmp)
-                os.replace(out, target)  # atomic: a concurrent process loads a whole file or builds its own
-        try:
-            lib = ctypes.CDLL(str(target))
-            fns = {dtype: tuple(getattr(lib, f"lipsort_{name}_{sfx}")
-                                for name in ("cx_forward", "cx_backward", "tadd",
-                                             "gs4_forward", "gs4_backward"))
-                   for dtype, sfx in _DTYPES.items()}
-            break
-        except (OSError, AttributeError) as err:  # a truncated or foreign file: build it again, once
-            if attempt:
-                raise OSError(f"cannot load {target}: {err}") from err
-            target.unlink(missing_ok=True)
+    transpose_add, forward4, backward4)}``; raises OSError with the reason."""
+    cc, version = compiler("CC", "cc", "C compiler")
+    openmp = torch_gomp() and "Free Software Foundation" in version  # gcc links libgomp.so.1
+    names = ("cx_forward", "cx_backward", "tadd", "gs4_forward", "gs4_backward")
+
+    def load(path: Path) -> dict:
+        lib = ctypes.CDLL(str(path))
+        return {dtype: tuple(getattr(lib, f"lipsort_{n}_{sfx}") for n in names) for dtype, sfx in _DTYPES.items()}
+
+    key = [*cc, version, *_FLAGS, *_TUNING, str(openmp), cpu_key()]
+    fns = load_cached("compare_exchange.c", key, _SOURCE, lambda src, out: _compile(cc, src, out, openmp), load)
     for dtype, (forward, backward, tadd, forward4, backward4) in fns.items():
         for fn in (forward, backward, forward4, backward4):
             fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]

@@ -19,7 +19,7 @@ import numbers
 
 import torch
 
-from . import _bjorck, _l1ball, _native, _polar
+from . import _bjorck, _l1ball, _native, _native_op, _polar
 
 __all__ = [
     "group_sort",
@@ -186,7 +186,8 @@ class _Fused(torch.autograd.Function):
     signature binding and Python routing, which cost more than the arithmetic on a (256, 1024)
     batch; for quads one byte of source slots per group where ``torch.sort`` keeps an int64
     index per unit. Double backward and batched or unusual gradients take differentiable,
-    batchable ops (:func:`_route`, or a scatter through the decoded slots).
+    batchable ops (:func:`_route`, or a scatter through the decoded slots). The same steps in
+    C++ (:mod:`lipsort._native_op`) run instead where that operator could be built.
     """
 
     @staticmethod
@@ -226,13 +227,17 @@ def _plain(t: torch.Tensor) -> bool:
 
 
 def _fused(x: torch.Tensor, dim: int, group: int = 2) -> torch.Tensor | None:
-    """MaxMin or GroupSort(4) through :class:`_Fused` where the kernels apply (eager,
-    contiguous CPU float32/64), else None: under torch.func transforms, forward-mode AD, tracing
-    and compilation the compare-exchange Function or ``torch.sort``, whose rules they know."""
+    """MaxMin or GroupSort(4) through the C++ operator (else :class:`_Fused`) where the kernels
+    apply (eager, contiguous CPU float32/64), else None: under torch.func transforms, forward-mode
+    AD, tracing and compilation the compare-exchange Function or ``torch.sort``, whose rules they
+    know."""
     if not (_plain(x) and x.is_contiguous() and _eager_autograd()):
         return None
     plan = _native.plan(x.shape, dim, x.dtype, group)
-    return None if plan is None else super(torch.autograd.Function, _Fused).apply(x, plan)
+    if plan is None:
+        return None
+    y = _native_op.group_sort(x, dim, group)
+    return super(torch.autograd.Function, _Fused).apply(x, plan) if y is None else y
 
 
 # Sorting networks (Knuth, TAOCP 5.3.4), largest first: slot i gets the max. Only pairs go

@@ -1,5 +1,6 @@
 """The fused CPU kernels (lipsort._native) against the PyTorch expressions they replace: MaxMin's
-compare-exchange and the tiled ``a ± aᵀ``."""
+compare-exchange and the tiled ``a ± aᵀ``; MaxMin and GroupSort(4) both through the C++ autograd
+operator (lipsort._native_op) and through the Python Function around the same loops."""
 
 import ctypes
 import subprocess
@@ -8,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from lipsort import _native
+from lipsort import _native, _native_op
 from lipsort import functional as F
 
 pytestmark = pytest.mark.skipif(_native.kernels(torch.float32) is None, reason="no C compiler")
@@ -25,6 +26,18 @@ def torch_path():
     return run
 
 
+@pytest.fixture(params=["operator", "function"])
+def fused(request):
+    """Each test through the C++ operator and through the Python Function (the same loops)."""
+    if request.param == "function":
+        with _native_op.disabled():
+            yield request.param
+        return
+    if _native_op.operator() is None:
+        pytest.skip("no C++ compiler or torch headers for the operator")
+    yield request.param
+
+
 def _both(x, dim, grad, torch_path):
     """(output, input gradient) of max_min on the fused and on the PyTorch path."""
 
@@ -37,11 +50,30 @@ def _both(x, dim, grad, torch_path):
     return run(), torch_path(run)
 
 
-def _spy(monkeypatch):
+def _spy(monkeypatch, group=2):
+    """The dtypes of the MaxMin (or GroupSort(4)) calls that take the loops, through the operator
+    or the Python Function."""
     calls = []
-    forward = _native.compare_exchange
-    monkeypatch.setattr(_native, "compare_exchange", lambda *a: calls.append(a[1]) or forward(*a))
+    name = "compare_exchange" if group == 2 else "sort4"
+    forward, op = getattr(_native, name), _native_op.group_sort
+
+    def spied(x, dim, size):
+        y = op(x, dim, size)
+        if y is not None and size == group:
+            calls.append(x.dtype)
+        return y
+
+    monkeypatch.setattr(_native, name, lambda *a: calls.append(a[0].dtype) or forward(*a))
+    monkeypatch.setattr(_native_op, "group_sort", spied)
     return calls
+
+
+def _ops(fn) -> set[str]:
+    """The names of the aten operators that ``fn()`` runs (the backward's routing by ``where``
+    shows up; the loops do not)."""
+    with torch.autograd.profiler.profile() as prof:
+        fn()
+    return {event.name for event in prof.function_events}
 
 
 CASES = [
@@ -64,7 +96,7 @@ CASES = [
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape,dim", CASES)
-def test_fused_max_min_equals_the_pytorch_path(shape, dim, dtype, torch_path, monkeypatch):
+def test_fused_max_min_equals_the_pytorch_path(shape, dim, dtype, torch_path, monkeypatch, fused):
     g = torch.Generator().manual_seed(sum(shape) + dim)
     x = torch.randn(shape, generator=g, dtype=dtype).round(decimals=1)  # many exact ties
     grad = torch.randn(shape, generator=g, dtype=dtype)
@@ -75,7 +107,7 @@ def test_fused_max_min_equals_the_pytorch_path(shape, dim, dtype, torch_path, mo
     assert out.dtype == dtype and out.shape == x.shape
 
 
-def test_fused_max_min_is_a_permutation_of_each_pair_at_ties_and_propagates_nan(torch_path):
+def test_fused_max_min_is_a_permutation_of_each_pair_at_ties_and_propagates_nan(torch_path, fused):
     x = torch.tensor([[2.0, 2.0, -1.0, 3.0, float("nan"), 1.0, 4.0, float("nan"), float("inf"), -float("inf")]])
     grad = torch.arange(1.0, 11.0).reshape(1, 10)
     (out, gx), (ref_out, ref_gx) = _both(x, 1, grad, torch_path)
@@ -88,7 +120,7 @@ def test_fused_max_min_is_a_permutation_of_each_pair_at_ties_and_propagates_nan(
 
 
 @pytest.mark.parametrize("shape", [(4, 6, 9, 10), (40, 6, 7, 7), (9, 8)])  # rows, blocks, pairs
-def test_fused_max_min_propagates_nan_in_every_loop(shape, torch_path):
+def test_fused_max_min_propagates_nan_in_every_loop(shape, torch_path, fused):
     g = torch.Generator().manual_seed(7)
     x = torch.randn(shape, generator=g).round(decimals=1)
     x[torch.rand(shape, generator=g) < 0.05] = float("nan")
@@ -99,7 +131,7 @@ def test_fused_max_min_propagates_nan_in_every_loop(shape, torch_path):
 
 
 @pytest.mark.parametrize("shape", [(64, 4096), (128, 64, 7, 7), (32, 64, 16, 16), (16, 64, 9, 10)])
-def test_fused_max_min_does_not_depend_on_the_thread_count(shape):
+def test_fused_max_min_does_not_depend_on_the_thread_count(shape, fused):
     x = torch.randn(shape, generator=torch.Generator().manual_seed(3)).round(decimals=1)
     grad = torch.randn_like(x)
     outs = []
@@ -116,7 +148,7 @@ def test_fused_max_min_does_not_depend_on_the_thread_count(shape):
 
 
 @pytest.mark.parametrize("shape", [(3, 8), (3, 4, 2, 3)])  # adjacent pairs, short rows
-def test_fused_path_gradchecks_and_double_backward(shape):
+def test_fused_path_gradchecks_and_double_backward(shape, fused):
     x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     assert torch.autograd.gradcheck(F.max_min, (x.requires_grad_(),), check_batched_grad=True)
     assert torch.autograd.gradgradcheck(F.max_min, (x,))
@@ -127,7 +159,7 @@ def test_fused_path_gradchecks_and_double_backward(shape):
     assert torch.equal(jvp, torch.func.jvp(F.max_min, (x.detach(),), (tangent,))[1])
 
 
-def test_other_inputs_keep_the_pytorch_path(monkeypatch):
+def test_other_inputs_keep_the_pytorch_path(monkeypatch, fused):
     calls = _spy(monkeypatch)
     x = torch.randn(4, 8, 3)
     assert torch.equal(F.max_min(x.transpose(0, 2), 1), F.max_min(x.transpose(0, 2).contiguous(), 1))
@@ -167,7 +199,7 @@ def test_the_build_is_cached_per_machine(tmp_path, monkeypatch):
     assert built[0].stat().st_mtime_ns == mtime and address(first) == address(second)  # one library
 
 
-def test_unusual_tensors_never_reach_the_raw_pointers(monkeypatch):
+def test_unusual_tensors_never_reach_the_raw_pointers(monkeypatch, fused):
     x = torch.randn(4, 8, generator=torch.Generator().manual_seed(7))
     with torch.device("meta"):  # a default device must not move the mask off the CPU
         y = F.max_min(x)
@@ -176,12 +208,12 @@ def test_unusual_tensors_never_reach_the_raw_pointers(monkeypatch):
     leaf = x.clone().requires_grad_()
     zero = torch._efficientzerotensor(4, 8)
     assert torch.equal(torch.autograd.grad(F.max_min(leaf), leaf, zero)[0], torch.zeros(4, 8))
-    # An expanded gradient (from a sum) takes the kernels after one copy.
-    calls = []
-    route = _native.route
-    monkeypatch.setattr(_native, "route", lambda *a: calls.append(1) or route(*a))
-    F.max_min(leaf).sum().backward()
-    assert calls == [1] and torch.equal(leaf.grad, torch.ones(4, 8))
+    # An expanded gradient (from a sum) takes the loop after one copy, a double backward `where`.
+    ops = _ops(lambda: F.max_min(leaf).sum().backward())
+    assert "aten::where" not in ops and torch.equal(leaf.grad, torch.ones(4, 8))
+    out = F.max_min(leaf)
+    ops = _ops(lambda: torch.autograd.grad(out, leaf, torch.ones_like(out), create_graph=True))
+    assert "aten::where" in ops
 
 
 def test_tracing_records_the_compare_exchange():
@@ -199,9 +231,9 @@ def _fresh(code: str, tmp_path, **env):
     return done.stdout
 
 
-_USES_KERNELS = (
-    "import torch\nfrom lipsort import _native\nfrom lipsort import functional as F\n"
-    "y = F.max_min(torch.tensor([[1., 3.]]))\n"
+_USES_KERNELS = (  # the C loops through the Python Function: no C++ build in a fresh cache
+    "import torch\nfrom lipsort import _native, _native_op\nfrom lipsort import functional as F\n"
+    "_native_op.ENABLED = False\ny = F.max_min(torch.tensor([[1., 3.]]))\n"
     "print(y.tolist(), _native.kernels(torch.float32) is not None)\n"
 )
 
@@ -232,6 +264,19 @@ def test_a_failed_build_warns_once_even_when_warnings_are_errors(tmp_path):
     assert out.strip().endswith("[[3.0, 1.0]]")
 
 
+def test_without_a_cpp_compiler_the_python_function_runs_the_loops_after_one_warning(tmp_path):
+    code = (
+        "import torch, warnings\nwarnings.simplefilter('always')\nfrom lipsort import functional as F\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    x = torch.tensor([[1., 3.]], requires_grad=True)\n"
+        "    y = F.max_min(x)\n    y.backward(torch.tensor([[5., 7.]]))\n    F.max_min(x)\n"
+        "print(y.tolist(), x.grad.tolist(), type(y.grad_fn).__name__, [str(m.message) for m in w])\n"
+    )
+    out = _fresh(code, tmp_path, CXX="no-such-compiler")
+    assert out.startswith("[[3.0, 1.0]] [[7.0, 5.0]] _FusedBackward")
+    assert out.count("run their loops from Python: no C++ compiler found (tried 'no-such-compiler'; set $CXX)") == 1
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(128, 128), (1000, 1000), (3, 130, 130), (2, 2, 96, 96), (9, 9)])
 def test_plus_transpose_equals_the_pytorch_expression_bit_for_bit(shape, dtype):
@@ -258,7 +303,7 @@ def test_plus_transpose_takes_the_kernel_only_outside_autograd(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape,dim", [((256, 1024), 1), ((8, 16, 5, 5), 1), ((3, 8), -1),
                                        ((2, 4, 3, 8), 3), ((8, 2, 3), 0), ((0, 8), 1)])
-def test_fused_group_sort_4_equals_torch_sort(shape, dim, dtype, monkeypatch):
+def test_fused_group_sort_4_equals_torch_sort(shape, dim, dtype, monkeypatch, fused):
     x = torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(11))
     g = torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(12))
 
@@ -267,17 +312,15 @@ def test_fused_group_sort_4_equals_torch_sort(shape, dim, dtype, monkeypatch):
         out = F.group_sort(leaf, 4, dim)
         return out.detach(), torch.autograd.grad(out, leaf, g)[0]
 
-    calls = []
-    sort4 = _native.sort4
-    monkeypatch.setattr(_native, "sort4", lambda *a: calls.append(1) or sort4(*a))
-    fused = run()
+    calls = _spy(monkeypatch, group=4)
+    out = run()
     with _native.disabled():
         reference = run()
-    assert calls == [1]
-    assert torch.equal(fused[0], reference[0]) and torch.equal(fused[1], reference[1])  # no ties
+    assert calls == [dtype]
+    assert torch.equal(out[0], reference[0]) and torch.equal(out[1], reference[1])  # no ties
 
 
-def test_fused_group_sort_4_at_ties_and_nans_is_a_permutation():
+def test_fused_group_sort_4_at_ties_and_nans_is_a_permutation(fused):
     nan = float("nan")
     x = torch.tensor([[1.0, 1.0, 1.0, 1.0, 2.0, nan, 2.0, nan, -0.0, 0.0, 5.0, -0.0]])
     leaf = x.clone().requires_grad_()
@@ -293,7 +336,7 @@ def test_fused_group_sort_4_at_ties_and_nans_is_a_permutation():
     assert grad[0, :4].tolist() == [1.0, 2.0, 3.0, 4.0] and grad[0, 4:8].tolist() == [7.0, 5.0, 8.0, 6.0]
 
 
-def test_fused_group_sort_4_double_backward_and_vmap():
+def test_fused_group_sort_4_double_backward_and_vmap(fused):
     x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradgradcheck(lambda v: F.group_sort(v, 4), (x,))
     # A batched backward (is_grads_batched) takes the scatter path.
