@@ -8,19 +8,22 @@ an upgrade builds a new file beside the old one and concurrent processes never s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shlex
 import shutil
 import subprocess
 import tempfile
+import threading
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 from .data import cache_root
 from .runtime import cpu_name
 
-__all__ = ["compiler", "cpu_key", "load_cached", "torch_gomp"]
+__all__ = ["Native", "compiler", "cpu_key", "load_cached", "torch_gomp"]
 
 
 def compiler(env: str, default: str, what: str) -> tuple[list[str], str]:
@@ -75,3 +78,37 @@ def load_cached(filename: str, key: list[str], source: str, compile: Callable, l
                 raise OSError(f"cannot load {target}: {err}") from err
             target.unlink(missing_ok=True)
     raise AssertionError("unreachable")
+
+
+class Native:
+    """A natively built library: ``get()`` is ``build()``'s result, computed on first use (once
+    per process, under a lock), or None where it is switched off (``enabled``, :meth:`disabled`)
+    or where ``build`` raised (said once, as a warning starting with ``fallback``)."""
+
+    def __init__(self, build: Callable, fallback: str, enabled: bool = True):
+        self.build, self.fallback, self.enabled = build, fallback, enabled
+        self._value, self._lock = self, threading.Lock()
+
+    def get(self):
+        if not self.enabled:
+            return None
+        if self._value is self:
+            with self._lock:
+                if self._value is self:
+                    try:
+                        value = self.build()
+                    except Exception as err:  # noqa: BLE001 -- any failure means the fallback, said once
+                        self._value = None  # before warning: under -W error the warning raises
+                        warnings.warn(f"{self.fallback}: {err}", RuntimeWarning, stacklevel=4)
+                        return None
+                    self._value = value
+        return self._value
+
+    @contextlib.contextmanager
+    def disabled(self):
+        """Switched off inside the block."""
+        enabled, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = enabled

@@ -43,24 +43,21 @@ MaxMin and GroupSort(4) call the loops through a C++ autograd operator where one
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import math
 import os
 import subprocess
-import threading
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
-from ._build import compiler, cpu_key, load_cached, torch_gomp
+from ._build import Native, compiler, cpu_key, load_cached, torch_gomp
 
 __all__ = [
-    "ENABLED", "Plan", "kernels", "plan", "compare_exchange", "route", "disabled", "plus_transpose",
+    "LIBRARY", "Plan", "kernels", "plan", "compare_exchange", "route", "disabled", "plus_transpose",
     "sort4", "route4", "pair_keep", "SHORT",
 ]
 
@@ -374,8 +371,6 @@ _FLAGS = ["-O3", "-fPIC", "-shared", "-fno-fast-math"]
 # comparisons into bytes, and 512-bit lanes measured 1.3x faster there than gcc's default 256.
 _TUNING = ["-march=native", "-mprefer-vector-width=512"]
 _DTYPES = {torch.float32: "f32", torch.float64: "f64"}
-_lock = threading.Lock()
-_state: dict = {}
 
 
 def _compile(cc: list[str], src: Path, out: Path, openmp: bool) -> None:
@@ -411,44 +406,23 @@ def _build() -> dict:
     return fns
 
 
-ENABLED = os.environ.get("LIPSORT_NATIVE", "1") != "0"
-"""False disables the fused kernels for this process (``LIPSORT_NATIVE=0`` at import)."""
+LIBRARY = Native(_build, "lipsort: MaxMin and a ± aᵀ fall back to PyTorch ops",
+                 enabled=os.environ.get("LIPSORT_NATIVE", "1") != "0")
+"""The compiled loops, built on first use; ``LIBRARY.enabled`` is False for this process with
+``LIPSORT_NATIVE=0`` at import, and inside :func:`disabled`."""
 
 
 def kernels(dtype: torch.dtype) -> tuple | None:
-    """The compiled ``(forward, backward, transpose_add)`` for ``dtype``, or None when there are
-    none for it, they are disabled (:data:`ENABLED`) or they cannot be built (the reason is
+    """The compiled ``(forward, backward, transpose_add, forward4, backward4)`` for ``dtype``, or
+    None when there are none for it, they are disabled or they cannot be built (the reason is
     warned once)."""
-    if not ENABLED:
-        return None
-    fns = _state.get("fns", _state)
-    if fns is _state:
-        with _lock:
-            if "fns" not in _state:
-                _state["fns"] = _load()
-        fns = _state["fns"]
+    fns = LIBRARY.get()
     return fns.get(dtype) if fns else None
 
 
-def _load() -> dict | None:
-    try:
-        return _build()
-    except Exception as err:  # noqa: BLE001 -- any failure means the PyTorch path, said once
-        _state["fns"] = None  # before warning: under -W error the warning raises
-        warnings.warn(f"lipsort: MaxMin and a ± aᵀ fall back to PyTorch ops: {err}",
-                      RuntimeWarning, stacklevel=2)
-        return None
-
-
-@contextlib.contextmanager
 def disabled():
     """Run without the kernels inside the block (the PyTorch path, as ``LIPSORT_NATIVE=0``)."""
-    global ENABLED
-    enabled, ENABLED = ENABLED, False
-    try:
-        yield
-    finally:
-        ENABLED = enabled
+    return LIBRARY.disabled()
 
 
 class Plan(NamedTuple):
@@ -487,7 +461,7 @@ def plan(shape: torch.Size, dim: int, dtype: torch.dtype, group: int = 2) -> Pla
     a contiguous CPU tensor of ``shape`` and ``dtype``, or None where the kernels do not apply
     (no kernel for the dtype, disabled, not built, a size ``group`` does not divide or an
     invalid ``dim``: the PyTorch path raises the errors)."""
-    return _plan(shape, dim, dtype, group) if ENABLED else None
+    return _plan(shape, dim, dtype, group) if LIBRARY.enabled else None
 
 
 def compare_exchange(x: torch.Tensor, p: Plan) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,19 +21,16 @@ headers the Python Function runs instead (a warning says why, once).
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import subprocess
-import threading
-import warnings
 from pathlib import Path
 
 import torch
 
 from . import _native
-from ._build import compiler, load_cached
+from ._build import Native, compiler, load_cached
 
-__all__ = ["disabled", "group_sort", "operator"]
+__all__ = ["OPERATOR", "disabled", "group_sort", "operator"]
 
 _SOURCE = f"#define SHORT {_native.SHORT}\n" + r"""
 #include <ATen/ATen.h>
@@ -142,12 +139,6 @@ TORCH_LIBRARY(lipsort_native, m) {
 }
 """
 
-_lock = threading.Lock()
-_state: dict = {}
-ENABLED = True
-"""False runs the Python Function instead of the operator (:func:`disabled`)."""
-
-
 def _compile(cxx: list[str], src: Path, out: Path) -> None:
     root = Path(torch.__file__).parent
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
@@ -180,34 +171,20 @@ def _build() -> object:
                        lambda path: _load(path, fns))
 
 
+OPERATOR = Native(_build, "lipsort: MaxMin and GroupSort(4) run their loops from Python")
+"""The operator, built on first use; ``OPERATOR.enabled = False`` (or :func:`disabled`) runs the
+Python Function instead."""
+
+
 def operator() -> object | None:
     """``torch.ops.lipsort_native.group_sort.default``, or None where it is disabled or cannot be
     built (the reason is warned once)."""
-    if not ENABLED:
-        return None
-    op = _state.get("op", _state)
-    if op is _state:
-        with _lock:
-            if "op" not in _state:
-                try:
-                    _state["op"] = _build()
-                except Exception as err:  # noqa: BLE001 -- any failure means the Python Function, said once
-                    _state["op"] = None  # before warning: under -W error the warning raises
-                    warnings.warn(f"lipsort: MaxMin and GroupSort(4) run their loops from Python: {err}",
-                                  RuntimeWarning, stacklevel=3)
-        op = _state["op"]
-    return op
+    return OPERATOR.get()
 
 
-@contextlib.contextmanager
 def disabled():
     """Run the loops through the Python Function inside the block, not the operator."""
-    global ENABLED
-    enabled, ENABLED = ENABLED, False
-    try:
-        yield
-    finally:
-        ENABLED = enabled
+    return OPERATOR.disabled()
 
 
 def group_sort(x: torch.Tensor, dim: int, group: int) -> torch.Tensor | None:

@@ -233,7 +233,7 @@ def _fresh(code: str, tmp_path, **env):
 
 _USES_KERNELS = (  # the C loops through the Python Function: no C++ build in a fresh cache
     "import torch\nfrom lipsort import _native, _native_op\nfrom lipsort import functional as F\n"
-    "_native_op.ENABLED = False\ny = F.max_min(torch.tensor([[1., 3.]]))\n"
+    "_native_op.OPERATOR.enabled = False\ny = F.max_min(torch.tensor([[1., 3.]]))\n"
     "print(y.tolist(), _native.kernels(torch.float32) is not None)\n"
 )
 
