@@ -9,7 +9,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from .. import _bjorck, _l1ball, _native
+from .. import _bjorck, _l1ball, _native, _native_op
 from .. import functional as F
 from .. import models
 from ._measure import Config, Row, measure_case
@@ -22,11 +22,13 @@ def _fwd_bwd(fn, x0: torch.Tensor, grad_out: torch.Tensor):
     return (lambda: fn(x)), (lambda out: torch.autograd.grad(out, x, grad_out))
 
 
-def _without_kernels(fn):
-    """``fn`` run with lipsort's fused CPU kernels switched off (as ``LIPSORT_NATIVE=0``)."""
+def _switched_off(fn, switch):
+    """``fn`` run inside ``switch()``: :func:`lipsort._native.disabled` (the PyTorch ops, as
+    ``LIPSORT_NATIVE=0``) or :func:`lipsort._native_op.disabled` (the same loops called from a
+    Python autograd Function instead of the C++ operator)."""
 
     def run(x):
-        with _native.disabled():
+        with switch():
             return fn(x)
 
     return run
@@ -48,8 +50,11 @@ def _groupsort_case(cfg: Config, deel, shape: tuple[int, ...], g: int) -> list[R
             ("deel-torchlip", *_fwd_bwd(lambda x: functional.group_sort(x, g), x0, grad_out),
              "group_sort, ascending order")
         )
+    if _native_op.operator() is not None and cfg.device.type == "cpu":
+        impls.insert(1, ("python-function", *_fwd_bwd(_switched_off(ours, _native_op.disabled), x0, grad_out),
+                         f"{what}: the same loops called from a Python autograd Function"))
     if g == 2:
-        impls.insert(1, ("pytorch-ops", *_fwd_bwd(_without_kernels(ours), x0, grad_out),
+        impls.insert(1, ("pytorch-ops", *_fwd_bwd(_switched_off(ours, _native.disabled), x0, grad_out),
                          "max_min without its C kernel: the compare-exchange in PyTorch ops"))
         impls.append(("relu", *_fwd_bwd(torch.relu, x0, grad_out), "torch.relu (not a permutation)"))
 

@@ -119,11 +119,12 @@ def _activation_name(case: str) -> str:
 
 
 def _activations(result: dict) -> list[str]:
-    lines = ["| case | lipsort ms | lipsort, PyTorch ops | reshape + sort | deel-torchlip | ReLU |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| case | lipsort ms | lipsort, Python Function | lipsort, PyTorch ops | reshape + sort | deel-torchlip "
+             "| ReLU |", "|---|---|---|---|---|---|---|"]
     for case, rows in _grouped(_rows(result, "groupsort")).items():
         impls = {r["impl"]: r for r in rows}
-        cells = [_vs(impls[k], ".2f") if k in impls else _DASH for k in ("pytorch-ops", "naive", "deel-torchlip", "relu")]
+        cells = [_vs(impls[k], ".2f") if k in impls else _DASH
+                 for k in ("python-function", "pytorch-ops", "naive", "deel-torchlip", "relu")]
         lines.append(f"| {_activation_name(case)} | {impls['lipsort']['time_ms']:.2f} | {' | '.join(cells)} |")
     return lines
 
